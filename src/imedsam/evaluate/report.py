@@ -34,7 +34,7 @@ import numpy as np
 
 from imedsam.errors import ImedsamError
 from imedsam.evaluate.metrics import METRIC_KEYS, summarize
-from imedsam.io._atomic import atomic_write
+from imedsam.io.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from imedsam.errors import ImedsamError
-from imedsam.io._atomic import full_suffix
+from imedsam.io.atomic import full_suffix
 from imedsam.io.dicom import DICOM_SUFFIXES, is_dicom_file, read_dicom, read_dicom_series
 from imedsam.io.images import (
     IMAGE_SUFFIXES,

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from imedsam.errors import ImedsamError
-from imedsam.io._atomic import atomic_write
+from imedsam.io.atomic import atomic_write
 from imedsam.io.sample import Geometry, Sample
 from imedsam.io.windowing import Window, apply_window, resolve_window
 

@@ -24,7 +24,7 @@ import nibabel as nib
 import numpy as np
 
 from imedsam.errors import ImedsamError
-from imedsam.io._atomic import atomic_write, full_suffix
+from imedsam.io.atomic import atomic_write, full_suffix
 from imedsam.io._geometry import affine_to_itk, as_tuple_matrix, itk_to_affine
 from imedsam.io.sample import Geometry, Sample
 

@@ -7,9 +7,7 @@ validation score and all RNG states, and is read back with ``weights_only=True``
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,25 +15,12 @@ import torch
 import yaml
 
 from imedsam.errors import ImedsamError
+from imedsam.io.atomic import atomic_write
 
 ADAPTER_FILE = "adapter.safetensors"
 BEST_ADAPTER_FILE = "best.safetensors"
 CONFIG_FILE = "config.yaml"
 STATE_FILE = "train_state.pt"
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path`` (same folder, so the rename is atomic)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save_yaml(path: Path, data: dict) -> None:

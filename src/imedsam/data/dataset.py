@@ -1,0 +1,225 @@
+"""``SegmentationDataset``: 2D training samples (image or volume slice, one class) with their box prompt.
+
+Each item is a dict:
+
+- ``"image"``: float32 tensor ``(3, H, W)``, RGB on the display scale 0..255 (not normalised; the model's
+  preprocessing subtracts SAM's mean/std). Gray images are replicated to 3 channels; volumes are mapped to
+  0..255 with one window for the whole volume (``window`` argument, else the file's window, else the volume's
+  0.5..99.5 percentiles), so all slices of a case share one intensity scale.
+- ``"mask"``: float32 ``(1, H, W)`` in {0, 1}, the binary mask of ``class_id``.
+- ``"box"``: float32 ``(4,)`` xyxy box in pixel indices of the returned image (tight box of ``mask``, then
+  jittered when ``box_jitter`` is set).
+- ``"case_id"`` (str), ``"class_id"`` (int), ``"slice_index"`` (int; ``-1`` for 2D images, so batches collate),
+  ``"original_size"``: int64 ``(2,)`` ``(H, W)`` of the image/slice before any resize.
+
+Items are at the ORIGINAL size unless ``size=(S_h, S_w)`` is given (image bilinear, mask nearest), which makes
+equal-size training batches; resizing to the encoder input otherwise happens in the model's preprocessing.
+Randomness (augmentation, box jitter) is seeded per item from ``(seed, epoch, index)``; call ``set_epoch``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from imedsam.data.augment import AugmentConfig, Augmenter, sample_seed
+from imedsam.data.folders import CaseRef, DatasetIndex, discover
+from imedsam.data.prompts import box_from_mask, jitter_box
+from imedsam.data.samples import SampleRef, class_mask, expand_case, normalize_mask, take_slice
+from imedsam.errors import ImedsamError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SegmentationDataset", "read_case"]
+
+
+def _read(path: Path):
+    from imedsam.io import read
+
+    return read(path)
+
+
+def _display_volume(sample, window) -> np.ndarray:
+    """uint8 (D, H, W) from a volume sample, one window for the whole volume."""
+    from imedsam.io.windowing import apply_window, resolve_window
+
+    arr = np.asarray(sample.array)
+    if arr.dtype == np.uint8 and window is None and sample.meta.get("window") is None:
+        return arr
+    w = window if window is not None else sample.meta.get("window")
+    if w is not None:
+        center, width = resolve_window(tuple(w) if not isinstance(w, str) else w)
+    else:
+        vals = arr[np.isfinite(arr)] if np.issubdtype(arr.dtype, np.floating) else arr
+        if vals.size == 0:
+            return np.zeros(arr.shape, np.uint8)
+        lo, hi = (float(v) for v in np.percentile(vals, [0.5, 99.5]))
+        if hi <= lo:
+            lo, hi = float(vals.min()), float(vals.max())
+        if hi <= lo:
+            return np.zeros(arr.shape, np.uint8)
+        center, width = (lo + hi) / 2.0, hi - lo
+    return apply_window(arr, center, width)
+
+
+def read_case(case: CaseRef, *, window=None) -> tuple[np.ndarray, np.ndarray]:
+    """Decode one case: display image and label map on the same grid.
+
+    Returns:
+        ``image``: uint8 ``(H, W, 3)`` for 2D cases, uint8 ``(D, H, W)`` (windowed) for volumes;
+        ``labels``: int64 ``(H, W)`` or ``(D, H, W)`` (see ``normalize_mask``).
+    """
+    from imedsam.io.images import to_display_rgb
+
+    if case.mask_path is None:
+        raise ImedsamError(f"{case.image_path}: case '{case.case_id}' has no mask; training and evaluation "
+                           f"need one (add it, or discover with require_masks=True)")
+    img = _read(Path(case.image_path))
+    msk = _read(Path(case.mask_path))
+    labels = normalize_mask(msk.array, source=case.mask_path, ndim=img.geometry.ndim)
+    if tuple(labels.shape) != tuple(img.geometry.shape):
+        raise ImedsamError(f"{case.mask_path}: mask shape {labels.shape} differs from image shape "
+                           f"{tuple(img.geometry.shape)} ({case.image_path}); masks must be on the image grid")
+    image = _display_volume(img, window) if img.is_volume else to_display_rgb(img, window=window)
+    return image, labels
+
+
+class SegmentationDataset(Dataset):
+    """2D samples of a dataset folder (see the module docstring for the item layout).
+
+    Args:
+        source: a ``DatasetIndex`` (from ``discover``), a list of ``CaseRef``, or a dataset folder.
+        split: keep only the cases of this split (``"train"``, ``"val"``, ``"test"``) or ``None`` for all.
+        axis: slicing axis of volumes (0 = D of (D, H, W)).
+        min_foreground: a class of an image/slice becomes a sample when it has at least this many pixels.
+        classes: restrict to these label ids (default: every id present).
+        size: optional ``(S_h, S_w)`` output size (image bilinear, mask nearest; box from the resized mask).
+        window: intensity window for volumes/16-bit images (``(center, width)`` or a CT window name).
+        augment: ``True`` for ``AugmentConfig()``, an ``AugmentConfig``, an ``Augmenter``, or None (no augmentation).
+        box_jitter: keyword arguments of ``jitter_box`` (e.g. ``{"mode": "expand", "expand": (0, 20)}``) or None
+            for the tight box.
+        seed: base seed of all randomness.
+        cache_size: number of decoded cases kept in memory (per DataLoader worker).
+    """
+
+    def __init__(
+        self,
+        source: DatasetIndex | Sequence[CaseRef] | str | os.PathLike,
+        *,
+        split: str | None = None,
+        axis: int = 0,
+        min_foreground: int = 1,
+        classes: Sequence[int] | None = None,
+        size: tuple[int, int] | None = None,
+        window=None,
+        augment: bool | AugmentConfig | Augmenter | None = None,
+        box_jitter: dict | None = None,
+        seed: int = 0,
+        cache_size: int = 8,
+    ) -> None:
+        if isinstance(source, (str, os.PathLike)):
+            source = discover(source)
+        if isinstance(source, DatasetIndex):
+            index = source.subset(split) if split is not None else source
+            cases = list(index.cases)
+            self.labels = index.labels
+        else:
+            cases = [c for c in source if split is None or c.split == split]
+            self.labels = None
+        if not cases:
+            raise ImedsamError(f"source: no cases{'' if split is None else f' in split {split!r}'}; check the "
+                               f"dataset folder and its splits")
+        if size is not None:
+            size = (int(size[0]), int(size[1]))
+            if min(size) < 1:
+                raise ImedsamError(f"size: {size} must be positive (S_h, S_w)")
+        self.cases: list[CaseRef] = cases
+        self.axis, self.size, self.window = axis, size, window
+        self.seed, self.epoch = int(seed), 0
+        self.box_jitter = dict(box_jitter) if box_jitter else None
+        if augment is True:
+            augment = Augmenter()
+        elif isinstance(augment, AugmentConfig):
+            augment = Augmenter(augment)
+        self.augmenter: Augmenter | None = augment or None
+        self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._cache_size = max(int(cache_size), 1)
+        refs: list[SampleRef] = []
+        for i, case in enumerate(cases):
+            _, labels = self._load(i)
+            refs += expand_case(i, case, labels, axis=axis, min_foreground=min_foreground, classes=classes)
+        if not refs:
+            raise ImedsamError(f"min_foreground: no image/slice of the {len(cases)} case(s) has a class with >= "
+                               f"{min_foreground} pixels; lower min_foreground or check the masks/classes")
+        self.samples: list[SampleRef] = refs
+        logger.info("SegmentationDataset: %d samples from %d cases", len(refs), len(cases))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Change the per-item random streams (call once per epoch, before iterating)."""
+        self.epoch = int(epoch)
+
+    def _load(self, case_index: int) -> tuple[np.ndarray, np.ndarray]:
+        if case_index in self._cache:
+            self._cache.move_to_end(case_index)
+            return self._cache[case_index]
+        item = read_case(self.cases[case_index], window=self.window)
+        self._cache[case_index] = item
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return item
+
+    def item_seed(self, index: int) -> int:
+        """The seed of item ``index`` in the current epoch."""
+        return sample_seed(self.seed, self.epoch, index)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        ref = self.samples[index]
+        image, labels = self._load(ref.case_index)
+        if ref.slice_index is not None:
+            image = take_slice(image, ref.slice_index, self.axis)
+            labels = take_slice(labels, ref.slice_index, self.axis)
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=2)
+        mask = class_mask(labels, ref.class_id)
+        h, w = mask.shape
+        img_t = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()
+        msk_t = torch.from_numpy(mask).float()[None]
+        box = box_from_mask(mask)
+        if self.size is not None and self.size != (h, w):
+            img_t = F.interpolate(img_t[None], size=self.size, mode="bilinear", align_corners=False)[0]
+            msk_t = F.interpolate(msk_t[None], size=self.size, mode="nearest")[0]
+            sy, sx = self.size[0] / h, self.size[1] / w
+            if bool(msk_t.any()):
+                box = box_from_mask(msk_t[0].numpy())
+            else:  # the object vanished under nearest resize: keep its scaled box
+                box = np.clip(np.round((box + 0.5) * np.array([sx, sy, sx, sy]) - 0.5),
+                              0, [self.size[1] - 1, self.size[0] - 1] * 2).astype(np.float32)
+        seed = self.item_seed(index)
+        if self.augmenter is not None:
+            img_t, msk_t, done = self.augmenter(img_t, msk_t, seed=seed)
+            if done:
+                box = box_from_mask(msk_t[0].numpy())
+        if self.box_jitter:
+            rng = np.random.default_rng(sample_seed(seed, 0x6A17))
+            box = jitter_box(box, tuple(msk_t.shape[1:]), rng=rng, **self.box_jitter)
+        return {
+            "image": img_t.contiguous(),
+            "mask": msk_t.contiguous(),
+            "box": torch.as_tensor(box, dtype=torch.float32),
+            "case_id": ref.case_id,
+            "class_id": ref.class_id,
+            "slice_index": -1 if ref.slice_index is None else ref.slice_index,
+            "original_size": torch.tensor([h, w], dtype=torch.int64),
+        }

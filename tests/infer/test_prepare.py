@@ -3,14 +3,13 @@ import pytest
 import torch
 
 from imedsam.errors import ImedsamError
-from imedsam.infer.prepare import (check_box, check_points, grid_query_coords, normalize, prepare_image,
-                                   resized_shape, restore_logits, to_input_coords)
+from imedsam.infer.prepare import (check_box, check_points, grid_query_coords, prepare_image, resized_shape,
+                                   restore_logits, to_input_coords)
+from imedsam.sam.model import Preprocess
 
 
-class _Pre:
-    def __init__(self, img_size, normalize):
-        self.img_size = img_size
-        self.normalize = normalize
+def _Pre(img_size, normalize):
+    return Preprocess(img_size=img_size, normalize=normalize)
 
 
 def test_resized_shape_follows_sam_rounding():
@@ -70,7 +69,7 @@ def test_grid_query_coords_are_pixel_centres_of_the_valid_region():
 def test_normalize_minmax_is_per_image():
     x = torch.stack([torch.zeros(3, 4, 4), torch.full((3, 4, 4), 5.0)])
     x[0, 0, 0, 0], x[1, 0, 0, 0] = 10.0, 7.0
-    y = normalize(x, _Pre(4, "minmax"))
+    y = _Pre(4, "minmax").normalize_tensor(x)
     assert float(y[0].max()) == 1.0 and float(y[1].max()) == 1.0 and float(y[1].min()) == 0.0
 
 

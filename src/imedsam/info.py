@@ -54,7 +54,7 @@ def format_info(info: dict) -> str:
     if "parameters" in info:
         p = info["parameters"]
         lines += ["", f"trainable parameters of {p['model']} (backbone {p['backbone']}, mode {p['mode']}):"]
-        lines += [f"  {k:28s} {v:>12,d}" for k, v in p["trainable"].items()]
-        lines += [f"  {'total trainable':28s} {p['total_trainable']:>12,d}",
-                  f"  {'total (trainable + frozen)':28s} {p['total']:>12,d}"]
+        lines += [f"  {k:34s} {v:>12,d}" for k, v in p["trainable"].items()]
+        lines += [f"  {'total trainable':34s} {p['total_trainable']:>12,d}",
+                  f"  {'total (trainable + frozen)':34s} {p['total']:>12,d}"]
     return "\n".join(lines)

@@ -83,7 +83,7 @@ class Segmenter:
             image = to_display_rgb(image)
         self._prepared = prepare_image(np.asarray(image), self.system.preprocess, self.device)
         with torch.inference_mode(), autocast(self.device, self.amp_dtype):
-            self._embedding = self.system.encode(self._prepared.tensor)
+            self._embedding = self.system.encode(self._prepared.tensor, valid_hw=self._prepared.input_size)
 
     def predict(self, box=None, points=None, point_labels=None, mask_input=None, *, multimask: bool = False,
                 size: tuple[int, int] | None = None, uncertainty: bool = False) -> Prediction:

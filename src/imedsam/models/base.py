@@ -55,8 +55,11 @@ class SegmentationSystem(nn.Module):
     #: how the backbone wants its input (set by subclasses): an :class:`imedsam.sam.model.Preprocess`
     preprocess = None
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) prepared images -> (B, C, h, w) image embeddings."""
+    def encode(self, images: torch.Tensor, valid_hw: tuple[int, int] | None = None) -> torch.Tensor:
+        """(B, 3, S, S) prepared images -> (B, C, h, w) image embeddings.
+
+        ``valid_hw``: the un-padded (h, w) inside the S x S input, for encoders that must ignore padding.
+        """
         raise NotImplementedError
 
     def decode(self, embeddings: torch.Tensor, prepared: PreparedImage, prompts: Prompts, *,

@@ -50,7 +50,8 @@ def parameter_breakdown(name: str, *, backbone: str | None = None, mode: str | N
     if name in ADAPTED_SYSTEMS:
         from imedsam.models.imedsam import imedsam_parameter_breakdown
 
-        return imedsam_parameter_breakdown(backbone=backbone or "litemedsam", mode=mode or "paper")
+        return imedsam_parameter_breakdown(backbone=backbone or "litemedsam", mode=mode or "paper",
+                                           img_size=384 if (backbone or "").startswith("sam_vit") else None)
     from imedsam.sam.build import build_sam
 
     system = build_sam(name, pretrained=False)

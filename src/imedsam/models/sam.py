@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from imedsam.errors import ImedsamError
 from imedsam.infer.prepare import PreparedImage, restore_logits
 from imedsam.models.base import DecodeResult, Prompts, SegmentationSystem
 from imedsam.sam.model import SamModel
@@ -17,12 +18,14 @@ class ZeroShotSam(SegmentationSystem):
         self.sam = sam
         self.preprocess = sam.preprocess
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, valid_hw: tuple[int, int] | None = None) -> torch.Tensor:
         return self.sam.image_encoder(images)
 
     def decode(self, embeddings: torch.Tensor, prepared: PreparedImage, prompts: Prompts, *,
                multimask: bool = False, size: tuple[int, int] | None = None,
                uncertainty: bool = False, seed: int = 0) -> DecodeResult:
+        if uncertainty:
+            raise ImedsamError("--uncertainty: SAM's mask decoder gives no uncertainty map; use --model imedsam")
         points = (prompts.points, prompts.labels) if prompts.points is not None else None
         sparse, dense = self.sam.prompt_encoder(points=points, boxes=prompts.boxes, masks=prompts.mask_input)
         low_res, iou = self.sam.mask_decoder(

@@ -72,7 +72,6 @@ import dataclasses
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +81,7 @@ import torch
 from torch import nn
 
 from imedsam.errors import ImedsamError
+from imedsam.io.atomic import atomic_write
 from imedsam.peft.frequency import FrequencyAdapter, frequency_image
 from imedsam.peft.lora import TARGETS, LoRAQKV
 
@@ -460,9 +460,27 @@ def trainable_parameters(module: nn.Module) -> dict[str, int]:
     return counts
 
 
+def _trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters, plus the buffers of trained modules (e.g. BatchNorm running statistics).
+
+    A module's buffers belong to the adapter file when the module has parameters and all of them are trainable:
+    the running statistics of a trained BatchNorm are part of what was learned, while a frozen module's buffers
+    come with the base weights.
+    """
+    tensors = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    for prefix, module in model.named_modules():
+        params = list(module.parameters(recurse=False))
+        if params and all(p.requires_grad for p in params):
+            for name, buf in module.named_buffers(recurse=False):
+                if buf is not None and name in module._buffers and name not in module._non_persistent_buffers_set:
+                    tensors[f"{prefix}.{name}" if prefix else name] = buf
+    return tensors
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{name: tensor}`` of exactly the parameters with ``requires_grad=True`` (detached, on their device)."""
-    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    """``{name: tensor}`` of the parameters with ``requires_grad=True`` and the buffers of trained modules
+    (BatchNorm running statistics), detached, on their device."""
+    return {name: t.detach() for name, t in _trained_tensors(model).items()}
 
 
 def _names(keys: Sequence[str], limit: int = 8) -> str:
@@ -479,7 +497,7 @@ def load_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Ten
     missing or unexpected key raises :class:`ImedsamError` naming them; otherwise the common keys are loaded.
     A shape mismatch always raises. Returns ``(missing, unexpected)``.
     """
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    params = _trained_tensors(model)
     missing = sorted(set(params) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(params))
     if strict and (missing or unexpected):
@@ -518,15 +536,8 @@ def save_adapters(path: str | os.PathLike[str], model: nn.Module,
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model).items()}
     if not tensors:
         raise ImedsamError(f"save_adapters: the model has no trainable parameters to write to {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": ADAPTER_FORMAT, "config": text})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": ADAPTER_FORMAT,
+                                                                          "config": text}))
     logger.info("saved %d adapter tensors (%d values) to %s", len(tensors),
                 sum(t.numel() for t in tensors.values()), path)
     return path

@@ -1,0 +1,725 @@
+"""I-MedSAM's implicit segmentation decoder: coarse INR, uncertainty-guided sampling (UGS), fine INR.
+
+The decoder receives features, not a SAM model:
+
+* ``features`` U, shape (B, Cf, h, w): the SAM mask-decoder trunk output after ``output_upscaling`` (32
+  channels at 4x the embedding size, e.g. 96x96 for a 384 input);
+* ``prompt_pe``, shape (B or 1, Cp, h', w'): the dense prompt positional encoding (256 channels, 24x24);
+* either an output grid ``size=(H, W)`` or query points ``coords`` (B, N, 2) in the normalised (y, x)
+  pixel-centre convention of :mod:`imedsam.decoders.coords`.
+
+Per query point p: ``z = [U(p) || PE(p) || gamma(p)]`` (bilinear, ``align_corners=False``), then
+
+1. coarse MLP ``Linear -> BN -> ReLU`` (``coarse_hidden``) and a head ``Linear(512 -> 1 + 256)`` per class
+   giving a coarse logit and a 256-d coarse feature;
+2. uncertainty from ``mc_samples`` Monte-Carlo dropout passes;
+3. per image (and class), the ``topk_ratio`` most uncertain points;
+4. fine MLP on ``[z || coarse feature]`` at those points; its logits REPLACE the coarse logits there.
+
+Two modes (see the docs, systems.md A.8-A.11, A.18-A.19):
+
+``mode="paper"`` (default, corrected):
+    * ``PaperEncoding`` (42-d), dropout on the 512-d trunk output (before the head);
+    * uncertainty = population variance over T passes of the sigmoid probabilities of the logit column;
+    * MC dropout is active at inference too. Each pass t draws ONE dropout mask over the 512 trunk channels per
+      image, shared by all points of that image (channel-wise, like ``Dropout2d``). For every single point the
+      T logits are therefore distributed exactly like independent-mask MC dropout, while a pass costs only
+      512 MACs per point (the mask folds into the logit weights), masks do not depend on chunking, and results
+      are reproducible from ``seed`` (default ``config.mc_seed``) or a ``torch.Generator``;
+    * at inference the coarse logits/features are the deterministic (dropout-off) pass; in training they are
+      the standard per-element dropout pass (this is what the loss sees), and uncertainty is computed without
+      gradient from the shared-mask passes;
+    * points whose uncertainty is exactly 0 are never refined, so an image can get fewer than k fine points
+      (never an arbitrary choice, unlike the official code at inference);
+    * ``mc_samples`` defaults to 8 (the paper gives no T; the official code hard-codes 2).
+
+``mode="reference"`` (the official code's behaviour, for comparisons):
+    * ``ReferenceEncoding`` (63-d), dropout (per element) on the 257-d head output, T = 2 full passes of
+      trunk + head + dropout in training (BatchNorm statistics updated T times), outputs from the last pass;
+    * uncertainty = mean over the 257 channels of the unbiased variance of the raw outputs;
+    * at inference dropout is off, so uncertainty is identically 0 and ``torch.topk`` picks the k refined
+      points among ties (the official bug F.1, reproduced on purpose; the coarse MLP runs once, not twice);
+    * top-k is per image here too (the official pooled top-k over the batch is bug F.13, not reproduced);
+    * coordinates for the encoding are pixel centres unless ``corner_aligned_encoding=True`` (the official
+      linspace grid; grid mode only). Features are always sampled at pixel centres.
+
+Inference (``model.eval()``) uses a fast path that runs under ``torch.no_grad()`` and gives the same values
+as the plain module path up to float rounding:
+
+* BatchNorm is folded into the preceding Linear;
+* the U and PE parts of the first coarse and fine Linear layers are applied at LOW resolution and the
+  projected maps are interpolated (bilinear interpolation is linear, so this is the same function); for grids
+  the encoding part is evaluated once per row and per column (every encoding column depends on one
+  coordinate). The interpolation and these terms are summed in one ``embedding_bag`` call;
+* pass 1 runs over all points in chunks of ``chunk_size`` points per image (bounded memory whatever the output
+  size) and yields coarse logits + uncertainty; pass 2 runs over the selected points only and computes the
+  trunk again (or reuses it when the image fitted in one chunk), the 256 coarse-feature channels and the fine
+  MLP. Chunking does not change the result;
+* cost with the default widths: about 0.54 M MACs per point in pass 1 (the 1024x512 layer dominates) plus
+  about 0.83 M per refined point in pass 2, i.e. ~0.64 M MACs per output pixel at 12.5 % (the official code:
+  2.06 M), ~95 GMACs for a 384x384 grid;
+* uncertainty and top-k are computed in fp32; everything else follows ``torch.autocast`` when enabled (bf16
+  on CPU works; on CPUs without native bf16 it is slower than fp32). Returned tensors are fp32.
+
+Training (``model.train()``) uses the plain module path on all points at once (BatchNorm needs the batch
+statistics), typically on a subset of points from :func:`sample_training_points`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from imedsam.decoders.coords import (
+    PaperEncoding,
+    ReferenceEncoding,
+    bilinear_taps,
+    flat_index_coords,
+    grid_coords,
+    sample_features,
+)
+from imedsam.errors import ImedsamError
+
+__all__ = [
+    "ImplicitDecoder",
+    "ImplicitDecoderConfig",
+    "ImplicitOutput",
+    "sample_training_points",
+    "select_topk",
+]
+
+logger = logging.getLogger(__name__)
+
+Mode = Literal["paper", "reference"]
+
+
+@dataclass
+class ImplicitDecoderConfig:
+    """Configuration of :class:`ImplicitDecoder`.
+
+    ``encoding`` and ``mc_samples`` default from ``mode``: paper -> ("paper", 8), reference ->
+    ("reference", 2). ``chunk_size`` is the number of query points per image processed at once at inference.
+    ``coarse_feature_dim`` is the width of the coarse feature passed to the fine MLP. ``fine_hidden`` lists the
+    fine trunk widths followed by the width of the per-class fine head's hidden layer (at least two entries).
+    """
+
+    feature_dim: int = 32
+    prompt_dim: int = 256
+    mode: Mode = "paper"
+    encoding: Literal["paper", "reference"] | None = None
+    num_octaves: int = 10
+    coarse_hidden: tuple[int, ...] = (1024, 512)
+    coarse_feature_dim: int = 256
+    fine_hidden: tuple[int, ...] = (256, 256, 128)
+    dropout: float = 0.5
+    mc_samples: int | None = None
+    topk_ratio: float = 0.125
+    num_classes: int = 1
+    chunk_size: int = 16384
+    mc_seed: int = 0
+    corner_aligned_encoding: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("paper", "reference"):
+            raise ImedsamError(f"ImplicitDecoderConfig.mode={self.mode!r}: use 'paper' or 'reference'")
+        if self.encoding is None:
+            self.encoding = self.mode
+        if self.encoding not in ("paper", "reference"):
+            raise ImedsamError(f"ImplicitDecoderConfig.encoding={self.encoding!r}: use 'paper' or 'reference'")
+        if self.mc_samples is None:
+            self.mc_samples = 8 if self.mode == "paper" else 2
+        self.coarse_hidden = tuple(int(v) for v in self.coarse_hidden)
+        self.fine_hidden = tuple(int(v) for v in self.fine_hidden)
+        checks = {
+            "feature_dim": self.feature_dim >= 1,
+            "prompt_dim": self.prompt_dim >= 0,
+            "coarse_hidden": len(self.coarse_hidden) >= 1 and min(self.coarse_hidden) >= 1,
+            "fine_hidden": len(self.fine_hidden) >= 2 and min(self.fine_hidden) >= 1,
+            "coarse_feature_dim": self.coarse_feature_dim >= 1,
+            "dropout": 0.0 <= self.dropout < 1.0,
+            "mc_samples": int(self.mc_samples) >= 1,
+            "topk_ratio": 0.0 <= self.topk_ratio <= 1.0,
+            "num_classes": self.num_classes >= 1,
+            "chunk_size": self.chunk_size >= 1,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ImedsamError(f"ImplicitDecoderConfig.{name}={getattr(self, name)!r} is out of range")
+        self.mc_samples = int(self.mc_samples)
+
+    @classmethod
+    def reference(cls, **overrides: object) -> ImplicitDecoderConfig:
+        """The official code's settings (mode, encoding and T = 2)."""
+        return cls(mode="reference", **overrides)  # type: ignore[arg-type]
+
+
+@dataclass
+class ImplicitOutput:
+    """Result of :class:`ImplicitDecoder`.
+
+    Shapes are (B, C, H, W) for a grid query and (B, C, N) for point queries; C = ``num_classes``.
+
+    * ``coarse_logits``: coarse INR logits at every point;
+    * ``fine_logits``: the coarse logits with the selected points replaced by fine INR logits (the prediction);
+    * ``uncertainty``: fp32 per-point uncertainty used for the selection (see the module docstring for its
+      definition in each mode); ``None`` when refinement is disabled (``mc_samples == 1``, ``topk_ratio == 0``);
+    * ``selected``: bool, True where the fine INR replaced the coarse logit; ``None`` when refinement is
+      disabled.
+    """
+
+    coarse_logits: torch.Tensor
+    fine_logits: torch.Tensor
+    uncertainty: torch.Tensor | None = None
+    selected: torch.Tensor | None = None
+
+
+def _mlp(in_dim: int, widths: tuple[int, ...]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for width in widths:
+        layers += [nn.Linear(in_dim, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True)]
+        in_dim = width
+    return nn.Sequential(*layers)
+
+
+def _fold(linear: nn.Linear, bn: nn.BatchNorm1d | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W, b) of ``bn(linear(x))`` in eval mode, in fp32."""
+    weight = linear.weight.detach().float()
+    bias = linear.bias.detach().float() if linear.bias is not None else torch.zeros_like(weight[:, 0])
+    if bn is None:
+        return weight, bias
+    scale = bn.weight.detach().float() / torch.sqrt(bn.running_var.float() + bn.eps)
+    return weight * scale[:, None], (bias - bn.running_mean.float()) * scale + bn.bias.detach().float()
+
+
+def _folded_layers(seq: nn.Sequential) -> list[tuple[torch.Tensor, torch.Tensor, bool]]:
+    """Folded (W, b, relu_after) triples of a Sequential made of Linear [-> BN] [-> ReLU] blocks."""
+    mods = list(seq)
+    out: list[tuple[torch.Tensor, torch.Tensor, bool]] = []
+    i = 0
+    while i < len(mods):
+        lin = mods[i]
+        assert isinstance(lin, nn.Linear)
+        bn = mods[i + 1] if i + 1 < len(mods) and isinstance(mods[i + 1], nn.BatchNorm1d) else None
+        i += 2 if bn is not None else 1
+        relu = i < len(mods) and isinstance(mods[i], nn.ReLU)
+        i += 1 if relu else 0
+        w, b = _fold(lin, bn)
+        out.append((w, b, relu))
+    return out
+
+
+def select_topk(uncertainty: torch.Tensor, k: int, skip_zero: bool = True) -> torch.Tensor:
+    """Per-row top-k selection mask.
+
+    ``uncertainty`` (..., N) is reduced in fp32 along its last axis; returns a bool tensor of the same shape
+    with (at most) ``k`` True entries per row: the k largest values. With ``skip_zero`` the entries whose
+    uncertainty is exactly 0 are dropped from the selection (nothing is refined at random).
+    """
+    selected = torch.zeros(uncertainty.shape, dtype=torch.bool, device=uncertainty.device)
+    n = uncertainty.shape[-1]
+    k = min(int(k), n)
+    if k <= 0:
+        return selected
+    u = uncertainty.float()
+    values, index = torch.topk(u, k, dim=-1, sorted=False)
+    keep = values > 0 if skip_zero else torch.ones_like(values, dtype=torch.bool)
+    selected.scatter_(-1, index, keep)
+    return selected
+
+
+class ImplicitDecoder(nn.Module):
+    """I-MedSAM's implicit decoder (coarse INR, UGS, fine INR); see the module docstring.
+
+    Parameters are grouped as ``coarse_trunk`` (Sequential), ``coarse_heads`` (one ``Linear(hidden -> 1 +
+    coarse_feature_dim)`` per class; output column 0 is the logit), ``fine_trunk`` (Sequential) and
+    ``fine_heads`` (one ``Linear -> BN -> ReLU -> Linear(-> 1)`` per class). With ``mode="reference"`` and
+    one class the counts are 888,320 / 131,841 / 222,464 / 33,281 as in the official code.
+    """
+
+    def __init__(self, config: ImplicitDecoderConfig | None = None) -> None:
+        super().__init__()
+        cfg = config if config is not None else ImplicitDecoderConfig()
+        self.config = cfg
+        if cfg.encoding == "paper":
+            self.encoding: PaperEncoding | ReferenceEncoding = PaperEncoding(cfg.num_octaves, include_input=True)
+        else:
+            self.encoding = ReferenceEncoding()
+        self.in_dim = cfg.feature_dim + cfg.prompt_dim + self.encoding.out_dim
+        self.fine_in_dim = self.in_dim + cfg.coarse_feature_dim
+        trunk_out = cfg.coarse_hidden[-1]
+        self.coarse_trunk = _mlp(self.in_dim, cfg.coarse_hidden)
+        self.coarse_heads = nn.ModuleList(
+            nn.Linear(trunk_out, 1 + cfg.coarse_feature_dim) for _ in range(cfg.num_classes)
+        )
+        self.fine_trunk = _mlp(self.fine_in_dim, cfg.fine_hidden[:-1])
+        head_in, head_hidden = cfg.fine_hidden[-2], cfg.fine_hidden[-1]
+        self.fine_heads = nn.ModuleList(
+            nn.Sequential(
+                nn.Linear(head_in, head_hidden),
+                nn.BatchNorm1d(head_hidden),
+                nn.ReLU(inplace=True),
+                nn.Linear(head_hidden, 1),
+            )
+            for _ in range(cfg.num_classes)
+        )
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    # ------------------------------------------------------------------ public helpers
+
+    def parameter_groups(self) -> dict[str, int]:
+        """Number of parameters per group (``coarse_trunk``, ``fine_trunk``, ``coarse_head``, ``fine_head``)
+        and their ``total``. BatchNorm running statistics are buffers and are not counted."""
+        groups = {
+            "coarse_trunk": self.coarse_trunk,
+            "fine_trunk": self.fine_trunk,
+            "coarse_head": self.coarse_heads,
+            "fine_head": self.fine_heads,
+        }
+        counts = {name: sum(p.numel() for p in mod.parameters()) for name, mod in groups.items()}
+        counts["total"] = sum(counts.values())
+        return counts
+
+    @property
+    def refinement_enabled(self) -> bool:
+        """False when ``mc_samples == 1`` or ``topk_ratio == 0``: the fine INR is never run."""
+        return self.config.mc_samples > 1 and self.config.topk_ratio > 0
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        prompt_pe: torch.Tensor,
+        size: tuple[int, int] | None = None,
+        coords: torch.Tensor | None = None,
+        *,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        fast: bool | None = None,
+    ) -> ImplicitOutput:
+        """Decode logits at a grid (``size=(H, W)``) or at query points (``coords`` (B, N, 2), (y, x)).
+
+        ``features`` (B, Cf, h, w); ``prompt_pe`` (B or 1, Cp, h', w'). Monte-Carlo dropout masks come from
+        ``generator`` if given, else (inference) a generator seeded with ``seed`` or ``config.mc_seed``, else
+        (training) the global RNG. ``fast`` (default: ``not self.training``) picks the chunked inference path;
+        ``fast=False`` forces the plain module path (all points at once, used to check the fast path).
+        """
+        cfg = self.config
+        if (size is None) == (coords is None):
+            raise ImedsamError("ImplicitDecoder: pass exactly one of size=(H, W) or coords=(B, N, 2)")
+        if features.dim() != 4 or features.shape[1] != cfg.feature_dim:
+            raise ImedsamError(
+                f"ImplicitDecoder features must be (B, {cfg.feature_dim}, h, w); got {tuple(features.shape)}"
+            )
+        b = features.shape[0]
+        if (
+            prompt_pe.dim() != 4
+            or prompt_pe.shape[1] != cfg.prompt_dim
+            or prompt_pe.shape[0] not in (1, b)
+        ):
+            raise ImedsamError(
+                f"ImplicitDecoder prompt_pe must be (B or 1, {cfg.prompt_dim}, h', w'); got {tuple(prompt_pe.shape)}"
+            )
+        if size is not None:
+            if len(size) != 2 or int(size[0]) < 1 or int(size[1]) < 1:
+                raise ImedsamError(f"ImplicitDecoder size={size!r}: use a positive (H, W)")
+            size = (int(size[0]), int(size[1]))
+        else:
+            assert coords is not None
+            if coords.dim() != 3 or coords.shape[0] != b or coords.shape[2] != 2:
+                raise ImedsamError(
+                    f"ImplicitDecoder coords must be (B={b}, N, 2) in (y, x); got {tuple(coords.shape)}"
+                )
+        if fast is None:
+            fast = not self.training
+        if fast and self.training:
+            raise ImedsamError("ImplicitDecoder fast=True is inference-only: call model.eval() first")
+
+        masks = self._mc_masks(b, features.device, seed, generator)
+        if fast:
+            with torch.no_grad():
+                out = self._forward_fast(features, prompt_pe, size, coords, masks)
+        else:
+            out = self._forward_plain(features, prompt_pe, size, coords, masks)
+        if size is not None:
+            shape = (b, cfg.num_classes, size[0], size[1])
+            out = ImplicitOutput(
+                *(t.reshape(shape) if t is not None else None for t in (out.coarse_logits, out.fine_logits,
+                                                                         out.uncertainty, out.selected))
+            )
+        return out
+
+    # ------------------------------------------------------------------ shared pieces
+
+    def _mc_masks(
+        self, b: int, device: torch.device, seed: int | None, generator: torch.Generator | None
+    ) -> torch.Tensor | None:
+        """Paper mode: (B, T, D) scaled keep-masks (0 or 1/(1-p)) over the trunk output, one per image and pass."""
+        cfg = self.config
+        if cfg.mode != "paper" or not self.refinement_enabled:
+            return None
+        if generator is None and not self.training:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(cfg.mc_seed if seed is None else int(seed))
+        d = cfg.coarse_hidden[-1]
+        keep = torch.rand((b, cfg.mc_samples, d), generator=generator, device=device) >= cfg.dropout
+        return keep.float() / (1.0 - cfg.dropout)
+
+    def _k(self, n: int) -> int:
+        return int(n * self.config.topk_ratio) if self.refinement_enabled else 0
+
+    def _encoding_coords(
+        self, size: tuple[int, int] | None, coords_b: torch.Tensor, index: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Coordinates fed to the Fourier encoding (corner-aligned only for grids in that option)."""
+        if size is not None and self.config.corner_aligned_encoding:
+            assert index is not None
+            return flat_index_coords(index, size[0], size[1], dtype=coords_b.dtype, corner_aligned=True)
+        return coords_b
+
+    # ------------------------------------------------------------------ plain (training) path
+
+    def _forward_plain(
+        self,
+        features: torch.Tensor,
+        prompt_pe: torch.Tensor,
+        size: tuple[int, int] | None,
+        coords: torch.Tensor | None,
+        masks: torch.Tensor | None,
+    ) -> ImplicitOutput:
+        cfg = self.config
+        b = features.shape[0]
+        c_cls = cfg.num_classes
+        if size is not None:
+            pts = grid_coords(size[0], size[1], device=features.device).unsqueeze(0).expand(b, -1, -1)
+            index = torch.arange(size[0] * size[1], device=features.device)
+        else:
+            assert coords is not None
+            pts = coords.float()
+            index = None
+        n = pts.shape[1]
+        if index is not None:
+            enc_pts = self._encoding_coords(size, pts[0], index).unsqueeze(0).expand(b, -1, -1)
+        else:
+            enc_pts = pts
+        gamma = self.encoding(enc_pts).to(features.dtype)
+        z = torch.cat((sample_features(features, pts), sample_features(prompt_pe, pts), gamma), dim=-1)
+        z = z.reshape(b * n, self.in_dim)
+
+        uncertainty: torch.Tensor | None = None
+        if cfg.mode == "paper":
+            h = self.coarse_trunk(z)
+            head_in = self.dropout(h) if self.training else h
+            outs = [head(head_in) for head in self.coarse_heads]  # C x (B*N, 1+F)
+            if masks is not None:
+                with torch.no_grad():
+                    w_logit = torch.stack([head.weight[0] for head in self.coarse_heads]).float()  # (C, D)
+                    b_logit = torch.stack([head.bias[0] for head in self.coarse_heads]).float()  # (C,)
+                    hb = h.detach().float().reshape(b, n, -1)
+                    w_mc = masks[:, :, None, :] * w_logit[None, None]  # (B, T, C, D)
+                    mc = torch.einsum("bnd,btcd->bnct", hb, w_mc) + b_logit[:, None]
+                    uncertainty = torch.sigmoid(mc).var(dim=-1, unbiased=False).permute(0, 2, 1)  # (B, C, N)
+        else:
+            passes = cfg.mc_samples if (self.training and self.refinement_enabled) else 1
+            all_outs = []
+            for _ in range(passes):
+                h = self.coarse_trunk(z)
+                all_outs.append([self.dropout(head(h)) for head in self.coarse_heads])
+            outs = all_outs[-1]
+            if self.refinement_enabled:
+                if passes > 1:
+                    with torch.no_grad():
+                        stacked = torch.stack([torch.stack(o) for o in all_outs]).float()  # (T, C, B*N, 1+F)
+                        u = stacked.var(dim=0, unbiased=True).mean(dim=-1)  # (C, B*N)
+                        uncertainty = u.reshape(c_cls, b, n).permute(1, 0, 2)
+                else:
+                    uncertainty = torch.zeros(b, c_cls, n, device=features.device)
+
+        coarse = torch.stack([o[:, 0] for o in outs]).reshape(c_cls, b, n).permute(1, 0, 2)  # (B, C, N)
+        coarse_f = coarse.float()
+        if uncertainty is None:
+            return ImplicitOutput(coarse_f, coarse_f.clone(), None, None)
+        selected = select_topk(uncertainty, self._k(n), skip_zero=cfg.mode == "paper")
+        fine_per_class = [coarse_f[:, c] for c in range(c_cls)]  # out of place: gradients reach the coarse branch
+        for c in range(c_cls):
+            sel = selected[:, c].reshape(b * n)
+            if not bool(sel.any()):
+                continue
+            fin = torch.cat((z[sel], outs[c][sel, 1:].to(z.dtype)), dim=-1)
+            logit = self.fine_heads[c](self.fine_trunk(fin))[:, 0].float()
+            fine_per_class[c] = fine_per_class[c].reshape(b * n).masked_scatter(sel, logit).reshape(b, n)
+        fine = torch.stack(fine_per_class, dim=1)
+        return ImplicitOutput(coarse_f, fine, uncertainty, selected)
+
+    # ------------------------------------------------------------------ fast (inference) path
+
+    def _forward_fast(
+        self,
+        features: torch.Tensor,
+        prompt_pe: torch.Tensor,
+        size: tuple[int, int] | None,
+        coords: torch.Tensor | None,
+        masks: torch.Tensor | None,
+    ) -> ImplicitOutput:
+        cfg = self.config
+        dev = features.device
+        b = features.shape[0]
+        c_cls = cfg.num_classes
+        n = size[0] * size[1] if size is not None else coords.shape[1]  # type: ignore[union-attr]
+        cf, cp = cfg.feature_dim, cfg.prompt_dim
+        h_u, w_u = features.shape[-2:]
+        h_p, w_p = prompt_pe.shape[-2:]
+        rows_u, rows_p = h_u * w_u, h_p * w_p
+
+        # Folded weights (fp32), split by input part.
+        coarse_layers = _folded_layers(self.coarse_trunk)
+        w1, b1, _ = coarse_layers[0]
+        w1_u, w1_p, w1_g = w1[:, :cf], w1[:, cf : cf + cp], w1[:, cf + cp :]
+        fine_layers = _folded_layers(self.fine_trunk)
+        wf, bf, _ = fine_layers[0]
+        wf_u, wf_p = wf[:, :cf], wf[:, cf : cf + cp]
+        wf_g, wf_c = wf[:, cf + cp : self.in_dim], wf[:, self.in_dim :]
+        heads_w = torch.stack([h.weight.detach().float() for h in self.coarse_heads])  # (C, 1+F, D)
+        heads_b = torch.stack([h.bias.detach().float() for h in self.coarse_heads])  # (C, 1+F)
+        fine_head_layers = [_folded_layers(h) for h in self.fine_heads]
+
+        # Row/column tables of the encoding part for grids; bias folded into the row table.
+        grid_tables = size is not None and getattr(self.encoding, "separable", False)
+        tab_c = tab_f = None
+        if grid_tables:
+            assert size is not None
+            with torch.autocast(dev.type, enabled=False):
+                tab_c = self._separable_tables(size[0], size[1], w1_g, b1, dev)
+                tab_f = self._separable_tables(size[0], size[1], wf_g, bf, dev)
+
+        # Logit weights for the deterministic pass + T MC passes (paper mode), per image.
+        w_logit, b_logit = heads_w[:, 0], heads_b[:, 0]  # (C, D), (C,)
+        refine = self.refinement_enabled
+        t_mc = cfg.mc_samples
+
+        coarse = torch.empty(b, c_cls, n, device=dev)
+        fine = torch.empty(b, c_cls, n, device=dev)
+        uncertainty = torch.zeros(b, c_cls, n, device=dev) if refine else None
+        selected = torch.zeros(b, c_cls, n, dtype=torch.bool, device=dev) if refine else None
+        chunk = cfg.chunk_size
+        k = self._k(n)
+        hw = ((h_u, w_u), (h_p, w_p), rows_u, rows_p)
+
+        # Images are independent (top-k is per image): pass 1, selection and pass 2 run image by image.
+        for bi in range(b):
+            tc, tf = self._first_layer_tables(features[bi], prompt_pe[bi if prompt_pe.shape[0] > 1 else 0],
+                                              (w1_u, w1_p), (wf_u, wf_p),
+                                              (tab_c, tab_f) if grid_tables else None)
+            if masks is not None:
+                w_mc = (masks[bi][:, None, :] * w_logit[None]).transpose(0, 1).reshape(c_cls * t_mc, -1)
+                w_all = torch.cat((w_logit, w_mc))
+                b_all = torch.cat((b_logit, b_logit.repeat_interleave(t_mc)))
+            else:
+                w_all, b_all = w_logit, b_logit
+
+            # Pass 1: every point, chunked -> coarse logits (+ MC logits -> uncertainty, fp32).
+            cache: torch.Tensor | None = None
+            for start in range(0, n, chunk):
+                idx = torch.arange(start, min(start + chunk, n), device=dev)
+                pts = self._points(size, coords, bi, idx)
+                trunk = self._trunk_fast(tc, pts, idx, size, *hw, grid_tables, w1_g, b1, coarse_layers)
+                out = torch.addmm(b_all.to(trunk.dtype), trunk, w_all.t().to(trunk.dtype)).float()
+                coarse[bi, :, start : start + len(idx)] = out[:, :c_cls].t()
+                if uncertainty is not None and masks is not None:
+                    mc = out[:, c_cls:].reshape(-1, c_cls, t_mc)
+                    uncertainty[bi, :, start : start + len(idx)] = torch.sigmoid(mc).var(dim=-1, unbiased=False).t()
+                if n <= chunk and refine:
+                    cache = trunk  # the whole image fits in one chunk: reuse the trunk in pass 2
+            fine[bi] = coarse[bi]
+            if uncertainty is None or selected is None:
+                continue
+
+            # Top-k per image and class, then pass 2 over the selected points only.
+            sel_b = select_topk(uncertainty[bi], k, skip_zero=cfg.mode == "paper")  # (C, N)
+            selected[bi] = sel_b
+            union = sel_b.any(dim=0).nonzero().squeeze(1)
+            for start in range(0, union.numel(), chunk):
+                idx = union[start : start + chunk]
+                pts = self._points(size, coords, bi, idx)
+                if cache is not None:
+                    trunk = cache[idx]
+                else:
+                    trunk = self._trunk_fast(tc, pts, idx, size, *hw, grid_tables, w1_g, b1, coarse_layers)
+                pre_f = self._first_layer_fast(tf, pts, idx, size, *hw, grid_tables, wf_g, bf)
+                for c in range(c_cls):
+                    rows = sel_b[c, idx]
+                    if not bool(rows.any()):
+                        continue
+                    dt = trunk.dtype
+                    # the coarse-feature columns of the head, at the selected points only
+                    feat = torch.addmm(heads_b[c, 1:].to(dt), trunk[rows], heads_w[c, 1:].t().to(dt))
+                    x = torch.addmm(pre_f[rows], feat, wf_c.t().to(pre_f.dtype)).relu_()
+                    for w, bias, relu in fine_layers[1:] + fine_head_layers[c]:
+                        x = torch.addmm(bias.to(x.dtype), x, w.t().to(x.dtype))
+                        if relu:
+                            x = x.relu_()
+                    fine[bi, c, idx[rows]] = x[:, 0].float()
+        return ImplicitOutput(coarse, fine, uncertainty, selected)
+
+    @staticmethod
+    def _first_layer_tables(
+        feat: torch.Tensor,
+        pe: torch.Tensor,
+        w_coarse: tuple[torch.Tensor, torch.Tensor],
+        w_fine: tuple[torch.Tensor, torch.Tensor],
+        grid: tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embedding tables of the first coarse and fine layers for one image.
+
+        Rows: ``W_U U`` at each of the h*w feature pixels, ``W_PE PE`` at each of the h'*w' PE pixels, then (grids)
+        the encoding row and column tables. Computed in fp32; stored in the autocast dtype when autocast is on.
+        """
+        dev = feat.device
+        with torch.autocast(dev.type, enabled=False):
+            u_flat = feat.float().reshape(feat.shape[0], -1).t()
+            p_flat = pe.float().reshape(pe.shape[0], -1).t()
+            out = []
+            for (w_u, w_p), tabs in zip((w_coarse, w_fine), (grid[0], grid[1]) if grid else (None, None)):
+                parts = [u_flat @ w_u.t(), p_flat @ w_p.t()]
+                if tabs is not None:
+                    parts += [tabs[0], tabs[1]]
+                out.append(torch.cat(parts))
+        if torch.is_autocast_enabled(dev.type):
+            dtype = torch.get_autocast_dtype(dev.type)
+            out = [t.to(dtype) for t in out]
+        return out[0], out[1]
+
+    def _separable_tables(
+        self, hh: int, ww: int, w_g: torch.Tensor, bias: torch.Tensor, dev: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row table R (H, D) and column table Cc (W, D) with W_g gamma(y_i, x_j) + b = R[i] + Cc[j].
+
+        Valid because every encoding column depends on one coordinate only:
+        gamma(y, x) = gamma(y, x_0) + gamma(y_0, x) - gamma(y_0, x_0).
+        """
+        corner = self.config.corner_aligned_encoding
+        ys = flat_index_coords(torch.arange(hh, device=dev) * ww, hh, ww, corner_aligned=corner)  # (H, 2) x = x_0
+        xs = flat_index_coords(torch.arange(ww, device=dev), hh, ww, corner_aligned=corner)  # (W, 2) y = y_0
+        enc = self.encoding
+        row = enc(ys) @ w_g.t() + bias
+        col_full = enc(xs) @ w_g.t()
+        col = col_full - col_full[:1]
+        return row, col
+
+    @staticmethod
+    def _points(
+        size: tuple[int, int] | None, coords: torch.Tensor | None, bi: int, idx: torch.Tensor
+    ) -> torch.Tensor:
+        if size is not None:
+            return flat_index_coords(idx, size[0], size[1])
+        assert coords is not None
+        return coords[bi, idx].float()
+
+    def _first_layer_fast(
+        self,
+        table: torch.Tensor,
+        pts: torch.Tensor,
+        idx: torch.Tensor,
+        size: tuple[int, int] | None,
+        hw_u: tuple[int, int],
+        hw_p: tuple[int, int],
+        rows_u: int,
+        rows_p: int,
+        grid_tables: bool,
+        w_g: torch.Tensor,
+        bias: torch.Tensor,
+    ) -> torch.Tensor:
+        """Pre-activation of a first layer at points: interpolated projected U and PE + encoding + bias."""
+        iu, wu = bilinear_taps(pts, *hw_u)
+        ip, wp = bilinear_taps(pts, *hw_p)
+        parts_i = [iu, ip + rows_u]
+        parts_w = [wu, wp]
+        if grid_tables:
+            assert size is not None
+            i = torch.div(idx, size[1], rounding_mode="floor")
+            j = idx - i * size[1]
+            off = rows_u + rows_p
+            parts_i.append(torch.stack((i + off, j + off + size[0]), dim=1))
+            parts_w.append(torch.ones(len(idx), 2, device=pts.device))
+        index = torch.cat(parts_i, dim=1)
+        weight = torch.cat(parts_w, dim=1).to(table.dtype)
+        pre = F.embedding_bag(index, table, per_sample_weights=weight, mode="sum")
+        if not grid_tables:
+            enc_pts = self._encoding_coords(size, pts, idx)
+            gam = self.encoding(enc_pts)
+            pre = torch.addmm((pre + bias.to(pre.dtype)), gam.to(pre.dtype), w_g.t().to(pre.dtype))
+        return pre
+
+    def _trunk_fast(
+        self,
+        table: torch.Tensor,
+        pts: torch.Tensor,
+        idx: torch.Tensor,
+        size: tuple[int, int] | None,
+        hw_u: tuple[int, int],
+        hw_p: tuple[int, int],
+        rows_u: int,
+        rows_p: int,
+        grid_tables: bool,
+        w_g: torch.Tensor,
+        bias: torch.Tensor,
+        layers: list[tuple[torch.Tensor, torch.Tensor, bool]],
+    ) -> torch.Tensor:
+        x = self._first_layer_fast(table, pts, idx, size, hw_u, hw_p, rows_u, rows_p, grid_tables, w_g, bias)
+        x = x.relu_()
+        for w, bb, relu in layers[1:]:
+            x = torch.addmm(bb.to(x.dtype), x, w.t().to(x.dtype))
+            if relu:
+                x = x.relu_()
+        return x
+
+
+def sample_training_points(
+    mask: torch.Tensor,
+    n_points: int,
+    boundary_fraction: float = 0.5,
+    generator: torch.Generator | None = None,
+    boundary_width: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample query points for training the implicit decoder on a subset of pixels.
+
+    ``mask`` (B, 1, H, W) (binary or integer label map). Returns ``coords`` (B, N, 2) at pixel centres, (y, x),
+    normalised as in :mod:`imedsam.decoders.coords`, and ``targets`` (B, N) float, the mask values there.
+    ``round(N * boundary_fraction)`` points per image are drawn uniformly (with replacement) from the boundary
+    band (pixels whose ``2 * boundary_width + 1`` square neighbourhood is not constant, i.e. dilation minus
+    erosion); the rest uniformly from the whole image. An image without a boundary (empty or full mask) uses
+    uniform points only. Reproducible with ``generator``.
+    """
+    if mask.dim() != 4 or mask.shape[1] != 1:
+        raise ImedsamError(f"sample_training_points: mask must be (B, 1, H, W); got {tuple(mask.shape)}")
+    if n_points < 1 or not 0.0 <= boundary_fraction <= 1.0 or boundary_width < 1:
+        raise ImedsamError(
+            f"sample_training_points: need n_points >= 1, 0 <= boundary_fraction <= 1, boundary_width >= 1; "
+            f"got {n_points}, {boundary_fraction}, {boundary_width}"
+        )
+    b, _, hh, ww = mask.shape
+    dev = mask.device
+    m = mask.float()
+    k = 2 * boundary_width + 1
+    dil = F.max_pool2d(m, k, stride=1, padding=boundary_width)
+    ero = -F.max_pool2d(-m, k, stride=1, padding=boundary_width)
+    band = (dil != ero).reshape(b, hh * ww)
+    n_band = int(round(n_points * boundary_fraction))
+    flat_mask = m.reshape(b, hh * ww)
+    all_idx = []
+    for bi in range(b):
+        uni = torch.randint(0, hh * ww, (n_points,), generator=generator, device=dev)
+        band_idx = band[bi].nonzero().squeeze(1)
+        if n_band > 0 and band_idx.numel() > 0:
+            pick = torch.randint(0, band_idx.numel(), (n_band,), generator=generator, device=dev)
+            uni = torch.cat((band_idx[pick], uni[n_band:]))
+        all_idx.append(uni)
+    index = torch.stack(all_idx)  # (B, N)
+    coords = flat_index_coords(index.reshape(-1), hh, ww).reshape(b, n_points, 2)
+    targets = torch.gather(flat_mask, 1, index)
+    return coords, targets

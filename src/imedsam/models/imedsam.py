@@ -1,0 +1,206 @@
+"""I-MedSAM assembled: a SAM-family backbone + LoRA(q, v) + frequency adapter + implicit coarse-to-fine decoder.
+
+Data flow (one image; systems.md §A.0 with the §A.19 fixes in ``paper`` mode)::
+
+    image (1,3,S,S) --encoder+LoRA+FA--> E (1,C,h,w)
+    box/points --prompt encoder--> sparse (1,n,C), dense (1,C,h,w); dense PE (1,C,h,w)
+    [E + dense, PE, tokens] --SAM two-way transformer (frozen)--> image tokens (1,C,h,w)
+        --output_upscaling (trainable)--> U (1,C/8,4h,4w)
+    U, PE, query coordinates of the REQUESTED grid --implicit decoder--> logits (1,1,H_o,W_o) (+ uncertainty)
+
+Trainable: LoRA A/B (and gates in reference mode), the frequency adapters, the whole prompt encoder,
+``mask_decoder.output_upscaling`` and the implicit decoder; everything else is frozen (systems.md §A.5). In
+``reference`` mode on ViT-B (binary) that is exactly 1,595,742 parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+
+from imedsam.decoders.implicit import ImplicitDecoder, ImplicitDecoderConfig, sample_training_points
+from imedsam.errors import ImedsamError
+from imedsam.infer.prepare import PreparedImage, grid_query_coords
+from imedsam.models.base import DecodeResult, Prompts, SegmentationSystem
+from imedsam.models.config import ModelConfig
+from imedsam.peft import PeftConfig, inject_adapters, load_adapter_state_dict, load_adapters, save_adapters
+from imedsam.sam.build import build_sam
+from imedsam.sam.model import SamModel
+
+log = logging.getLogger(__name__)
+
+ADAPTER_FILES = ("best.safetensors", "adapter.safetensors")
+
+
+def peft_config(config: ModelConfig) -> PeftConfig:
+    p = config.peft
+    return PeftConfig(mode=config.mode, lora_rank=p.lora_rank, lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout,
+                      lora_gate=p.lora_gate, frequency=p.frequency, fa_hidden=p.fa_hidden, fa_scale=p.fa_scale,
+                      log_amplitude=p.log_amplitude)
+
+
+def decoder_config(config: ModelConfig, transformer_dim: int) -> ImplicitDecoderConfig:
+    d = config.decoder
+    return ImplicitDecoderConfig(
+        feature_dim=transformer_dim // 8, prompt_dim=transformer_dim, mode=config.mode,
+        encoding=d.encoding if config.mode == "paper" else None, num_octaves=d.num_octaves,
+        coarse_hidden=tuple(d.coarse_hidden), coarse_feature_dim=d.coarse_feature_dim,
+        fine_hidden=tuple(d.fine_hidden), dropout=d.dropout,
+        mc_samples=d.mc_samples if config.mode == "paper" else None,
+        topk_ratio=d.topk_ratio, chunk_size=d.chunk_size)
+
+
+class IMedSAM(SegmentationSystem):
+    """I-MedSAM on any SAM-family backbone (see the module docstring)."""
+
+    def __init__(self, sam: SamModel, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        for param in sam.parameters():
+            param.requires_grad_(False)
+        self.image_encoder = inject_adapters(sam.image_encoder, peft_config(config))
+        self.prompt_encoder = sam.prompt_encoder
+        self.mask_decoder = sam.mask_decoder
+        for param in self.prompt_encoder.parameters():
+            param.requires_grad_(True)
+        for param in self.mask_decoder.output_upscaling.parameters():
+            param.requires_grad_(True)
+        self.decoder = ImplicitDecoder(decoder_config(config, self.mask_decoder.transformer_dim))
+        preprocess = sam.preprocess
+        if config.mode == "reference" and preprocess.normalize == "sam":
+            preprocess = dataclasses.replace(preprocess, normalize="unit")  # the official code's [0, 1] input
+        self.preprocess = preprocess
+
+    # ----------------------------------------------------------------- shared trunk
+    def encode(self, images: torch.Tensor, valid_hw=None) -> torch.Tensor:
+        return self.image_encoder(images, valid_hw) if valid_hw is not None else self.image_encoder(images)
+
+    def _features(self, embeddings: torch.Tensor, prompts: Prompts) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoder-trunk features U (B, C/8, 4h, 4w) and the dense prompt PE (1, C, h, w)."""
+        points = (prompts.points, prompts.labels) if prompts.points is not None else None
+        sparse, dense = self.prompt_encoder(points=points, boxes=prompts.boxes, masks=prompts.mask_input)
+        pe = self.prompt_encoder.get_dense_pe()
+        _, image_tokens = self.mask_decoder.run_transformer(embeddings, pe, sparse, dense)
+        return self.mask_decoder.upscale(image_tokens), pe
+
+    def is_decoder_parameter(self, name: str) -> bool:
+        """True for the implicit decoder's parameters (their own learning rate)."""
+        return name.startswith("decoder.")
+
+    # ----------------------------------------------------------------- training
+    def forward_train(self, images: torch.Tensor, boxes: torch.Tensor, masks: torch.Tensor, *, n_points: int,
+                      boundary_fraction: float = 0.5, generator: torch.Generator | None = None):
+        """One training forward on ``n_points`` sampled query points per image.
+
+        Args:
+            images: (B, 3, S, S) normalised encoder input (square, no padding).
+            boxes: (B, 4) xyxy in encoder-input pixels. masks: (B, 1, S, S) {0, 1} targets.
+        Returns:
+            coarse logits (B, 1, N), fine logits (B, 1, N), targets (B, 1, N).
+        """
+        embeddings = self.encode(images)
+        features, pe = self._features(embeddings, Prompts(boxes=boxes.view(-1, 1, 4)))
+        coords, targets = sample_training_points(masks, n_points, boundary_fraction, generator=generator)
+        out = self.decoder(features, pe, coords=coords.to(features.device))
+        return out.coarse_logits, out.fine_logits, targets[:, None, :].to(out.fine_logits.dtype)
+
+    # ----------------------------------------------------------------- inference
+    def decode(self, embeddings: torch.Tensor, prepared: PreparedImage, prompts: Prompts, *,
+               multimask: bool = False, size: tuple[int, int] | None = None,
+               uncertainty: bool = False, seed: int = 0) -> DecodeResult:
+        size = tuple(size or prepared.original_size)
+        features, pe = self._features(embeddings, prompts)
+        if prepared.input_size == (prepared.img_size, prepared.img_size):
+            out = self.decoder(features, pe, size=size, seed=seed)  # the grid covers the whole input
+        else:  # padded input: query the pixel centres of the valid region only
+            coords = grid_query_coords(prepared, size, features.device)[None]
+            out = self.decoder(features, pe, coords=coords, seed=seed)
+        logits = out.fine_logits.float().reshape(1, 1, *size)
+        prob = torch.sigmoid(logits)
+        fg = prob > 0.5
+        score = prob[fg].mean() if bool(fg.any()) else torch.zeros((), device=prob.device)
+        unc = None
+        if uncertainty:
+            if out.uncertainty is None:
+                raise ImedsamError("--uncertainty: this decoder computed none (reference mode has no MC dropout "
+                                   "at inference); use mode paper")
+            unc = out.uncertainty.float().reshape(1, 1, *size)
+        return DecodeResult(logits=logits, scores=score.view(1, 1), uncertainty=unc)
+
+    # ----------------------------------------------------------------- weights
+    def save_trainable(self, path: str | Path, config: dict | None = None) -> Path:
+        """Write the trainable tensors + config (``{"model": ...}`` at least) as safetensors, atomically."""
+        return save_adapters(path, self, config or {"model": self.config.model_dump(mode="json")})
+
+    def load_trainable(self, path: str | Path) -> None:
+        state, _ = load_adapters(path)
+        load_adapter_state_dict(self, state, strict=True)
+
+
+def resolve_adapter_file(adapter: str | Path) -> Path:
+    """An adapter file, or a run folder (its ``best.safetensors``, else ``adapter.safetensors``)."""
+    path = Path(adapter)
+    if path.is_dir():
+        for name in ADAPTER_FILES:
+            if (path / name).exists():
+                return path / name
+        raise ImedsamError(f"--adapter: no {' or '.join(ADAPTER_FILES)} in {path}; is it a training run folder?")
+    if not path.exists():
+        raise ImedsamError(f"--adapter: file not found: {path}")
+    return path
+
+
+def build_imedsam(*, checkpoint: str | Path | None = None, adapter: str | Path | None = None,
+                  backbone: str | None = None, config: ModelConfig | None = None, pretrained: bool = True,
+                  **overrides) -> IMedSAM:
+    """Build I-MedSAM; with ``adapter`` its saved config is used and its trained tensors are loaded."""
+    adapter_file = None
+    if adapter is not None:
+        adapter_file = resolve_adapter_file(adapter)
+        _, saved = load_adapters(adapter_file)
+        saved = saved or {}
+        config = ModelConfig.model_validate(saved.get("model", saved))
+    config = config or ModelConfig()
+    changes = {k: v for k, v in {"backbone": backbone, "checkpoint": checkpoint, **overrides}.items()
+               if v is not None}
+    if changes:
+        config = config.model_copy(update=changes)
+    sam = build_sam(config.backbone, checkpoint=config.checkpoint, img_size=config.img_size, pretrained=pretrained)
+    system = IMedSAM(sam, config)
+    if adapter_file is not None:
+        system.load_trainable(adapter_file)
+        log.info("loaded adapter %s", adapter_file)
+    return system
+
+
+def imedsam_parameter_breakdown(backbone: str = "litemedsam", mode: str = "paper",
+                                img_size: int | None = None) -> dict:
+    """Trainable parameters per group (random init: counts do not depend on weights)."""
+    config = ModelConfig(backbone=backbone, mode=mode, img_size=img_size)
+    system = build_imedsam(config=config, pretrained=False)
+    groups = {"LoRA (A, B)": 0, "LoRA gates": 0, "frequency adapters": 0, "prompt encoder": 0,
+              "output_upscaling": 0}
+    groups.update({f"implicit decoder: {k}": v for k, v in system.decoder.parameter_groups().items()
+                   if k != "total"})
+    for name, param in system.named_parameters():
+        if not param.requires_grad or name.startswith("decoder."):
+            continue
+        if "lora_gate" in name:
+            groups["LoRA gates"] += param.numel()
+        elif "lora_" in name:
+            groups["LoRA (A, B)"] += param.numel()
+        elif name.startswith("image_encoder.adapters."):
+            groups["frequency adapters"] += param.numel()
+        elif name.startswith("prompt_encoder."):
+            groups["prompt encoder"] += param.numel()
+        elif name.startswith("mask_decoder.output_upscaling."):
+            groups["output_upscaling"] += param.numel()
+        else:
+            groups[name] = param.numel()
+    trainable = sum(p.numel() for p in system.parameters() if p.requires_grad)
+    assert trainable == sum(groups.values()), "every trainable tensor is in exactly one group"
+    return {"model": "imedsam", "backbone": backbone, "mode": mode, "trainable": groups,
+            "total_trainable": trainable, "total": sum(p.numel() for p in system.parameters())}

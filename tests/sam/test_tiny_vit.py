@@ -7,6 +7,7 @@ import torch
 
 from imedsam.errors import ImedsamError
 from imedsam.sam.tiny_vit import TinyViT, TinyViTAttention
+from tests.reference import single_thread
 
 SMALL = dict(embed_dims=(16, 24, 32, 40), depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4), window_sizes=(7, 5, 6, 7),
              out_chans=32)
@@ -84,6 +85,8 @@ def test_drop_path_only_in_training() -> None:
         assert torch.equal(model(x), model(x))
 
 
+
+
 def test_parity_with_official_litemedsam_tinyvit() -> None:
     from tests.reference import lite_medsam_checkpoint, official_tiny_vit
 
@@ -103,7 +106,7 @@ def test_parity_with_official_litemedsam_tinyvit() -> None:
     ours.eval()
     torch.manual_seed(0)
     x = torch.rand(1, 3, 256, 256)
-    with torch.no_grad():
+    with torch.no_grad(), single_thread():
         want = official(x)
         got = ours(x)
     assert got.shape == want.shape == (1, 256, 64, 64)

@@ -13,6 +13,10 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+# benchmarks/imedsam.py is named like the package: keep this folder off the import path
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 DEFAULT = "litemedsam,mobilesam,sam_vit_b,sam_vit_l,sam_vit_h"
 

@@ -119,12 +119,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
     io.write_mask(args.out, mask)
     written = {"mask": str(Path(args.out).resolve())}
     if args.overlay:
-        overlay_rgb = rgb
-        if mask.shape != rgb.shape[:2]:
-            from PIL import Image
+        from imedsam.io.images import resize_rgb
 
-            overlay_rgb = np.asarray(Image.fromarray(rgb).resize(mask.shape[::-1], Image.BILINEAR))
-        io.write_overlay(args.overlay, overlay_rgb, mask)
+        io.write_overlay(args.overlay, resize_rgb(rgb, mask.shape), mask)
         written["overlay"] = str(Path(args.overlay).resolve())
     if args.uncertainty:
         if pred.uncertainty is None:

@@ -11,6 +11,7 @@ from imedsam.decoders.implicit import (
     ImplicitDecoder,
     ImplicitDecoderConfig,
     ImplicitOutput,
+    _FastGeometry,
     _folded_layers,
     sample_training_points,
     select_topk,
@@ -153,8 +154,8 @@ def test_projected_first_layer_equals_naive_concat(grid):
         tabs = (model._separable_tables(*size, w1[:, cf + cp :], b1, feats.device),) * 2
     table, _ = model._first_layer_tables(feats[0], pe[0], (w1[:, :cf], w1[:, cf : cf + cp]),
                                          (w1[:, :cf], w1[:, cf : cf + cp]), tabs)
-    fast = model._first_layer_fast(table, pts, idx, size if grid else None, (10, 12), (3, 4), 120, 12, grid,
-                                   w1[:, cf + cp :], b1)
+    geo = _FastGeometry(size if grid else None, (10, 12), (3, 4), 120, 12, grid)
+    fast = model._first_layer_fast(table, pts, idx, geo, w1[:, cf + cp :], b1)
     torch.testing.assert_close(fast, naive, atol=1e-5, rtol=1e-5)
 
 

@@ -199,7 +199,7 @@ class SegmentationDataset(Dataset):
         box = box_from_mask(mask)
         if self.size is not None and self.size != (h, w):
             img_t = F.interpolate(img_t[None], size=self.size, mode="bilinear", align_corners=False)[0]
-            msk_t = F.interpolate(msk_t[None], size=self.size, mode="nearest")[0]
+            msk_t = F.interpolate(msk_t[None], size=self.size, mode="nearest-exact")[0]  # pixel centres
             sy, sx = self.size[0] / h, self.size[1] / w
             if bool(msk_t.any()):
                 box = box_from_mask(msk_t[0].numpy())

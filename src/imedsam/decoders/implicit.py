@@ -69,7 +69,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -211,6 +211,27 @@ def _folded_layers(seq: nn.Sequential) -> list[tuple[torch.Tensor, torch.Tensor,
         w, b = _fold(lin, bn)
         out.append((w, b, relu))
     return out
+
+
+class _FastGeometry(NamedTuple):
+    """Where the fast path reads its first-layer table: output grid (or None for coords), the U and PE grids,
+    their row counts in the table, and whether the encoding term comes from per-row/column grid tables."""
+
+    size: tuple[int, int] | None
+    hw_u: tuple[int, int]
+    hw_p: tuple[int, int]
+    rows_u: int
+    rows_p: int
+    grid_tables: bool
+
+
+def _run_layers(x: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor, bool]]) -> torch.Tensor:
+    """Apply folded (weight, bias, relu) layers to (n, in) points, in x's dtype."""
+    for w, bias, relu in layers:
+        x = torch.addmm(bias.to(x.dtype), x, w.t().to(x.dtype))
+        if relu:
+            x = x.relu_()
+    return x
 
 
 def select_topk(uncertainty: torch.Tensor, k: int, skip_zero: bool = True) -> torch.Tensor:
@@ -508,7 +529,7 @@ class ImplicitDecoder(nn.Module):
         selected = torch.zeros(b, c_cls, n, dtype=torch.bool, device=dev) if refine else None
         chunk = cfg.chunk_size
         k = self._k(n)
-        hw = ((h_u, w_u), (h_p, w_p), rows_u, rows_p)
+        geo = _FastGeometry(size, (h_u, w_u), (h_p, w_p), rows_u, rows_p, grid_tables)
 
         # Images are independent (top-k is per image): pass 1, selection and pass 2 run image by image.
         for bi in range(b):
@@ -527,7 +548,7 @@ class ImplicitDecoder(nn.Module):
             for start in range(0, n, chunk):
                 idx = torch.arange(start, min(start + chunk, n), device=dev)
                 pts = self._points(size, coords, bi, idx)
-                trunk = self._trunk_fast(tc, pts, idx, size, *hw, grid_tables, w1_g, b1, coarse_layers)
+                trunk = self._trunk_fast(tc, pts, idx, geo, w1_g, b1, coarse_layers)
                 out = torch.addmm(b_all.to(trunk.dtype), trunk, w_all.t().to(trunk.dtype)).float()
                 coarse[bi, :, start : start + len(idx)] = out[:, :c_cls].t()
                 if uncertainty is not None and masks is not None:
@@ -549,8 +570,8 @@ class ImplicitDecoder(nn.Module):
                 if cache is not None:
                     trunk = cache[idx]
                 else:
-                    trunk = self._trunk_fast(tc, pts, idx, size, *hw, grid_tables, w1_g, b1, coarse_layers)
-                pre_f = self._first_layer_fast(tf, pts, idx, size, *hw, grid_tables, wf_g, bf)
+                    trunk = self._trunk_fast(tc, pts, idx, geo, w1_g, b1, coarse_layers)
+                pre_f = self._first_layer_fast(tf, pts, idx, geo, wf_g, bf)
                 for c in range(c_cls):
                     rows = sel_b[c, idx]
                     if not bool(rows.any()):
@@ -559,10 +580,7 @@ class ImplicitDecoder(nn.Module):
                     # the coarse-feature columns of the head, at the selected points only
                     feat = torch.addmm(heads_b[c, 1:].to(dt), trunk[rows], heads_w[c, 1:].t().to(dt))
                     x = torch.addmm(pre_f[rows], feat, wf_c.t().to(pre_f.dtype)).relu_()
-                    for w, bias, relu in fine_layers[1:] + fine_head_layers[c]:
-                        x = torch.addmm(bias.to(x.dtype), x, w.t().to(x.dtype))
-                        if relu:
-                            x = x.relu_()
+                    x = _run_layers(x, fine_layers[1:] + fine_head_layers[c])
                     fine[bi, c, idx[rows]] = x[:, 0].float()
         return ImplicitOutput(coarse, fine, uncertainty, selected)
 
@@ -625,16 +643,12 @@ class ImplicitDecoder(nn.Module):
         table: torch.Tensor,
         pts: torch.Tensor,
         idx: torch.Tensor,
-        size: tuple[int, int] | None,
-        hw_u: tuple[int, int],
-        hw_p: tuple[int, int],
-        rows_u: int,
-        rows_p: int,
-        grid_tables: bool,
+        geo: _FastGeometry,
         w_g: torch.Tensor,
         bias: torch.Tensor,
     ) -> torch.Tensor:
         """Pre-activation of a first layer at points: interpolated projected U and PE + encoding + bias."""
+        size, hw_u, hw_p, rows_u, rows_p, grid_tables = geo
         iu, wu = bilinear_taps(pts, *hw_u)
         ip, wp = bilinear_taps(pts, *hw_p)
         parts_i = [iu, ip + rows_u]
@@ -655,28 +669,11 @@ class ImplicitDecoder(nn.Module):
             pre = torch.addmm((pre + bias.to(pre.dtype)), gam.to(pre.dtype), w_g.t().to(pre.dtype))
         return pre
 
-    def _trunk_fast(
-        self,
-        table: torch.Tensor,
-        pts: torch.Tensor,
-        idx: torch.Tensor,
-        size: tuple[int, int] | None,
-        hw_u: tuple[int, int],
-        hw_p: tuple[int, int],
-        rows_u: int,
-        rows_p: int,
-        grid_tables: bool,
-        w_g: torch.Tensor,
-        bias: torch.Tensor,
-        layers: list[tuple[torch.Tensor, torch.Tensor, bool]],
-    ) -> torch.Tensor:
-        x = self._first_layer_fast(table, pts, idx, size, hw_u, hw_p, rows_u, rows_p, grid_tables, w_g, bias)
-        x = x.relu_()
-        for w, bb, relu in layers[1:]:
-            x = torch.addmm(bb.to(x.dtype), x, w.t().to(x.dtype))
-            if relu:
-                x = x.relu_()
-        return x
+    def _trunk_fast(self, table: torch.Tensor, pts: torch.Tensor, idx: torch.Tensor, geo: _FastGeometry,
+                    w_g: torch.Tensor, bias: torch.Tensor,
+                    layers: list[tuple[torch.Tensor, torch.Tensor, bool]]) -> torch.Tensor:
+        """Coarse trunk output at points: the fast first layer, then the remaining folded layers."""
+        return _run_layers(self._first_layer_fast(table, pts, idx, geo, w_g, bias).relu_(), layers[1:])
 
 
 def sample_training_points(

@@ -21,6 +21,7 @@ def run_evaluation(*, run: str | None, model: str | None, checkpoint: str | None
     from imedsam.evaluate.protocol import __doc__ as protocol_text
     from imedsam.evaluate.protocol import evaluate_cases, predict_case, resize_nearest
     from imedsam.evaluate.report import select_cases, write_report
+    from imedsam.io.images import resize_rgb
     from imedsam.models.registry import build_system
     from imedsam.runtime import autocast_dtype, resolve_device
     from imedsam.train.api import dataset_cases
@@ -51,12 +52,7 @@ def run_evaluation(*, run: str | None, model: str | None, checkpoint: str | None
         case = by_id[case_id]
         grid = tuple(case.gt.shape) if sizes[0] is None else tuple(sizes[0])
         pred = predict_case(system, case, size=grid, device=dev, amp_dtype=amp, seed=seed)
-        image = case.image
-        if image.shape[:2] != grid:
-            from PIL import Image
-
-            image = np.asarray(Image.fromarray(image).resize(grid[::-1], Image.BILINEAR))
-        overlays[f"{label}: {case_id}"] = (image, resize_nearest(case.gt, grid), pred)
+        overlays[f"{label}: {case_id}"] = (resize_rgb(case.image, grid), resize_nearest(case.gt, grid), pred)
     config = {"run": str(run) if run else None, "model": model, "checkpoint": checkpoint, "data": str(data),
               "split": split, "grids": [s if s is None else list(s) for s in sizes], "precision": precision,
               "seed": seed, "prompt": "tight box of the ground-truth mask at the original resolution",

@@ -347,3 +347,10 @@ def write_uncertainty(path: str | os.PathLike, uncertainty: np.ndarray) -> dict[
 
     atomic_write(npy, _save_npy)
     return {"uncertainty": str(p.resolve()), "uncertainty_npy": str(npy.resolve())}
+
+
+def resize_rgb(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a (H, W, 3) uint8 display image to ``size`` = (H_o, W_o), for overlays on another grid."""
+    if tuple(image.shape[:2]) == tuple(size):
+        return image
+    return np.asarray(Image.fromarray(image).resize((int(size[1]), int(size[0])), Image.BILINEAR))

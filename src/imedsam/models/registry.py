@@ -17,11 +17,9 @@ ADAPTED_SYSTEMS = {"imedsam": "I-MedSAM: LoRA(q,v) + frequency adapter + implici
 
 def describe_models() -> dict[str, str]:
     """Name -> one-line description, for `imedsam info` and error messages."""
-    from imedsam.sam.build import MODEL_SPECS
+    from imedsam.sam.build import describe_models as describe_backbones
 
-    out = {name: spec.description for name, spec in MODEL_SPECS.items()}
-    out.update(ADAPTED_SYSTEMS)
-    return out
+    return {**describe_backbones(), **ADAPTED_SYSTEMS}
 
 
 def build_system(name: str, *, checkpoint: str | Path | None = None, adapter: str | Path | None = None,

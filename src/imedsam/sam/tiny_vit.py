@@ -147,7 +147,21 @@ class PatchMerging(nn.Module):
         return x.flatten(2).transpose(1, 2)
 
 
-class ConvLayer(nn.Module):
+class _Stage(nn.Module):
+    """A stage: its ``blocks`` in order, then the optional ``downsample`` (PatchMerging)."""
+
+    blocks: nn.ModuleList
+    downsample: nn.Module | None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        if self.downsample is not None:
+            x = self.downsample(x)
+        return x
+
+
+class ConvLayer(_Stage):
     """Stage 0: ``blocks`` of :class:`MBConv` on (B, C, H, W), then optional ``downsample`` to tokens."""
 
     def __init__(self, dim: int, input_resolution: tuple[int, int], depth: int, expand_ratio: float = 4.0,
@@ -159,12 +173,6 @@ class ConvLayer(nn.Module):
         self.blocks = nn.ModuleList([MBConv(dim, expand_ratio, rates[i]) for i in range(depth)])
         self.downsample = downsample
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        if self.downsample is not None:
-            x = self.downsample(x)
-        return x
 
 
 class TinyViTMlp(nn.Module):
@@ -292,7 +300,7 @@ class TinyViTBlock(nn.Module):
                 f"window_size={self.window_size}")
 
 
-class BasicLayer(nn.Module):
+class BasicLayer(_Stage):
     """Stages 1-3: ``blocks`` of :class:`TinyViTBlock` on tokens (B, H*W, dim), then optional ``downsample``."""
 
     def __init__(self, dim: int, input_resolution: tuple[int, int], depth: int, num_heads: int, window_size: int,
@@ -308,12 +316,6 @@ class BasicLayer(nn.Module):
         ])
         self.downsample = downsample
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        if self.downsample is not None:
-            x = self.downsample(x)
-        return x
 
 
 class TinyViT(nn.Module):

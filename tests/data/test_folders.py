@@ -233,3 +233,23 @@ def test_real_kvasir_sessile_split() -> None:
     m = item["mask"][0].numpy() > 0
     ys, xs = np.nonzero(m)
     assert item["box"].tolist() == [xs.min(), ys.min(), xs.max(), ys.max()]
+
+
+def test_items_carry_in_plane_spacing_scaled_by_resize(nnunet3d_root, pairs_root):
+    import math
+
+    from imedsam.train.api import dataset_cases
+
+    ds = SegmentationDataset(discover(nnunet3d_root))
+    item = ds[0]
+    assert item["slice_index"] >= 0
+    assert item["spacing"].tolist() == pytest.approx([0.8, 0.7])  # (D, H, W) spacing (3.0, 0.8, 0.7), axis 0
+    h, w = item["mask"].shape[1:]
+    resized = SegmentationDataset(discover(nnunet3d_root), size=(2 * h, w))[0]
+    assert resized["spacing"].tolist() == pytest.approx([0.4, 0.7])
+    along_width = SegmentationDataset(discover(nnunet3d_root), axis=2)[0]
+    assert along_width["spacing"].tolist() == pytest.approx([3.0, 0.8])
+    assert dataset_cases(ds, limit=1)[0].spacing == pytest.approx((0.8, 0.7))
+    png = SegmentationDataset(discover(pairs_root))[0]
+    assert all(math.isnan(v) for v in png["spacing"].tolist())
+    assert dataset_cases(SegmentationDataset(discover(pairs_root)), limit=1)[0].spacing is None

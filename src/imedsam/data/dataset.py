@@ -10,7 +10,8 @@ Each item is a dict:
 - ``"box"``: float32 ``(4,)`` xyxy box in pixel indices of the returned image (tight box of ``mask``, then
   jittered when ``box_jitter`` is set).
 - ``"case_id"`` (str), ``"class_id"`` (int), ``"slice_index"`` (int; ``-1`` for 2D images, so batches collate),
-  ``"original_size"``: int64 ``(2,)`` ``(H, W)`` of the image/slice before any resize.
+  ``"original_size"``: int64 ``(2,)`` ``(H, W)`` of the image/slice before any resize;
+  ``"spacing"``: float32 ``(2,)`` (row, column) pixel spacing in mm of the returned image, NaN when unknown.
 
 Items are at the ORIGINAL size unless ``size=(S_h, S_w)`` is given (image bilinear, mask nearest), which makes
 equal-size training batches; resizing to the encoder input otherwise happens in the model's preprocessing.
@@ -71,12 +72,13 @@ def _display_volume(sample, window) -> np.ndarray:
     return apply_window(arr, center, width)
 
 
-def read_case(case: CaseRef, *, window=None) -> tuple[np.ndarray, np.ndarray]:
+def read_case(case: CaseRef, *, window=None, with_spacing: bool = False):
     """Decode one case: display image and label map on the same grid.
 
     Returns:
         ``image``: uint8 ``(H, W, 3)`` for 2D cases, uint8 ``(D, H, W)`` (windowed) for volumes;
-        ``labels``: int64 ``(H, W)`` or ``(D, H, W)`` (see ``normalize_mask``).
+        ``labels``: int64 ``(H, W)`` or ``(D, H, W)`` (see ``normalize_mask``);
+        with ``with_spacing``, also the image's spacing per array axis in mm (``None`` when unknown).
     """
     from imedsam.io.images import to_display_rgb
 
@@ -90,6 +92,8 @@ def read_case(case: CaseRef, *, window=None) -> tuple[np.ndarray, np.ndarray]:
         raise ImedsamError(f"{case.mask_path}: mask shape {labels.shape} differs from image shape "
                            f"{tuple(img.geometry.shape)} ({case.image_path}); masks must be on the image grid")
     image = _display_volume(img, window) if img.is_volume else to_display_rgb(img, window=window)
+    if with_spacing:
+        return image, labels, img.geometry.spacing
     return image, labels
 
 
@@ -151,11 +155,11 @@ class SegmentationDataset(Dataset):
         elif isinstance(augment, AugmentConfig):
             augment = Augmenter(augment)
         self.augmenter: Augmenter | None = augment or None
-        self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._cache: OrderedDict[int, tuple] = OrderedDict()  # (image, labels, spacing)
         self._cache_size = max(int(cache_size), 1)
         refs: list[SampleRef] = []
         for i, case in enumerate(cases):
-            _, labels = self._load(i)
+            labels = self._load(i)[1]
             refs += expand_case(i, case, labels, axis=axis, min_foreground=min_foreground, classes=classes)
         if not refs:
             raise ImedsamError(f"min_foreground: no image/slice of the {len(cases)} case(s) has a class with >= "
@@ -170,11 +174,11 @@ class SegmentationDataset(Dataset):
         """Change the per-item random streams (call once per epoch, before iterating)."""
         self.epoch = int(epoch)
 
-    def _load(self, case_index: int) -> tuple[np.ndarray, np.ndarray]:
+    def _load(self, case_index: int) -> tuple[np.ndarray, np.ndarray, tuple[float, ...] | None]:
         if case_index in self._cache:
             self._cache.move_to_end(case_index)
             return self._cache[case_index]
-        item = read_case(self.cases[case_index], window=self.window)
+        item = read_case(self.cases[case_index], window=self.window, with_spacing=True)
         self._cache[case_index] = item
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
@@ -186,7 +190,10 @@ class SegmentationDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         ref = self.samples[index]
-        image, labels = self._load(ref.case_index)
+        image, labels, spacing = self._load(ref.case_index)
+        if spacing is not None and ref.slice_index is not None:  # in-plane spacing of the slice
+            spacing = tuple(v for axis, v in enumerate(spacing) if axis != self.axis)
+        pixel_spacing = np.array(spacing if spacing is not None else (np.nan, np.nan), dtype=np.float32)
         if ref.slice_index is not None:
             image = take_slice(image, ref.slice_index, self.axis)
             labels = take_slice(labels, ref.slice_index, self.axis)
@@ -201,6 +208,7 @@ class SegmentationDataset(Dataset):
             img_t = F.interpolate(img_t[None], size=self.size, mode="bilinear", align_corners=False)[0]
             msk_t = F.interpolate(msk_t[None], size=self.size, mode="nearest-exact")[0]  # pixel centres
             sy, sx = self.size[0] / h, self.size[1] / w
+            pixel_spacing = pixel_spacing / np.array([sy, sx], dtype=np.float32)
             if bool(msk_t.any()):
                 box = box_from_mask(msk_t[0].numpy())
             else:  # the object vanished under nearest resize: keep its scaled box
@@ -222,4 +230,5 @@ class SegmentationDataset(Dataset):
             "class_id": ref.class_id,
             "slice_index": -1 if ref.slice_index is None else ref.slice_index,
             "original_size": torch.tensor([h, w], dtype=torch.int64),
+            "spacing": torch.from_numpy(pixel_spacing),
         }

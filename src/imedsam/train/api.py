@@ -28,7 +28,9 @@ def dataset_cases(dataset, limit: int | None = None):
             name += f"#z{int(item['slice_index'])}"
         if int(item.get("class_id", 1)) != 1:
             name += f"#c{int(item['class_id'])}"
-        cases.append(EvalCase(case_id=name, image=image, gt=gt))
+        spacing = item["spacing"].tolist() if "spacing" in item else [float("nan")] * 2
+        known = all(np.isfinite(spacing))
+        cases.append(EvalCase(case_id=name, image=image, gt=gt, spacing=tuple(spacing) if known else None))
     return cases
 
 

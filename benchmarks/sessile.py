@@ -23,7 +23,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "kvasir-sessile"
-DEFAULT_OVERRIDES = ["optim.epochs=8", "run.val_every=2", "run.precision=fp32"]
+DEFAULT_OVERRIDES = ["run.precision=fp32"]
 
 
 def score(system, cases, device) -> dict:

@@ -22,6 +22,9 @@ class PeftSettings(_Strict):
     frequency: bool = Field(True, description="frequency adapter (FFT amplitude stream)")
     fa_hidden: int = Field(4, ge=1, description="frequency adapter bottleneck width")
     fa_scale: float = Field(0.5, description="merge scale of the frequency adapter, parallel to the MLP")
+    fa_gate_init: float | None = Field(None, description="None (I-MedSAM): add scale*F from step 0; a number: a "
+                                                        "learnable per-block gate on F starting there (0.0 = the "
+                                                        "pretrained encoder exactly at init)")
     log_amplitude: bool | None = Field(None, description="log1p-compress the FFT amplitude; None follows the "
                                                          "mode (paper: on, reference: off)")
 
@@ -38,6 +41,10 @@ class DecoderSettings(_Strict):
     mc_samples: int = Field(8, ge=1, description="Monte-Carlo dropout passes T for the uncertainty")
     topk_ratio: float = Field(0.125, ge=0, le=1, description="fraction of most uncertain points refined per image")
     chunk_size: int = Field(65536, ge=1, description="points decoded per chunk (bounds memory)")
+    sam_prior: bool = Field(False, description="add the backbone's own SAM mask logit (its low-res mask, "
+                                               "bilinearly interpolated at each query point) to the implicit "
+                                               "decoder's logits; the logit heads start at zero, so the system "
+                                               "starts as the zero-shot backbone")
 
 
 class ModelConfig(_Strict):

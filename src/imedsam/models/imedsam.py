@@ -20,7 +20,9 @@ import logging
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
+from imedsam.decoders.coords import sample_features
 from imedsam.decoders.implicit import ImplicitDecoder, ImplicitDecoderConfig, sample_training_points
 from imedsam.errors import ImedsamError
 from imedsam.infer.prepare import PreparedImage, grid_query_coords
@@ -39,7 +41,7 @@ def peft_config(config: ModelConfig) -> PeftConfig:
     p = config.peft
     return PeftConfig(mode=config.mode, lora_rank=p.lora_rank, lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout,
                       lora_gate=p.lora_gate, frequency=p.frequency, fa_hidden=p.fa_hidden, fa_scale=p.fa_scale,
-                      log_amplitude=p.log_amplitude)
+                      fa_gate_init=p.fa_gate_init, log_amplitude=p.log_amplitude)
 
 
 def decoder_config(config: ModelConfig, transformer_dim: int) -> ImplicitDecoderConfig:
@@ -69,6 +71,8 @@ class IMedSAM(SegmentationSystem):
         for param in self.mask_decoder.output_upscaling.parameters():
             param.requires_grad_(True)
         self.decoder = ImplicitDecoder(decoder_config(config, self.mask_decoder.transformer_dim))
+        if config.decoder.sam_prior:
+            self._zero_logit_heads()
         preprocess = sam.preprocess
         if config.mode == "reference" and preprocess.normalize == "sam":
             preprocess = dataclasses.replace(preprocess, normalize="unit")  # the official code's [0, 1] input
@@ -78,13 +82,31 @@ class IMedSAM(SegmentationSystem):
     def encode(self, images: torch.Tensor, valid_hw=None) -> torch.Tensor:
         return self.image_encoder(images, valid_hw) if valid_hw is not None else self.image_encoder(images)
 
-    def _features(self, embeddings: torch.Tensor, prompts: Prompts) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decoder-trunk features U (B, C/8, 4h, 4w) and the dense prompt PE (1, C, h, w)."""
+    def _features(self, embeddings: torch.Tensor,
+                  prompts: Prompts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Decoder-trunk features U (B, C/8, 4h, 4w), the dense prompt PE (1, C, h, w) and, with ``sam_prior``,
+        the backbone's own single-mask SAM logits (B, 1, 4h, 4w) (else None)."""
         points = (prompts.points, prompts.labels) if prompts.points is not None else None
         sparse, dense = self.prompt_encoder(points=points, boxes=prompts.boxes, masks=prompts.mask_input)
         pe = self.prompt_encoder.get_dense_pe()
-        _, image_tokens = self.mask_decoder.run_transformer(embeddings, pe, sparse, dense)
-        return self.mask_decoder.upscale(image_tokens), pe
+        tokens, image_tokens = self.mask_decoder.run_transformer(embeddings, pe, sparse, dense)
+        features = self.mask_decoder.upscale(image_tokens)
+        prior = None
+        if self.config.decoder.sam_prior:  # SAM's mask 0: hypernetwork(mask token 0) . U, linear in U
+            hyper = self.mask_decoder.output_hypernetworks_mlps[0](tokens[:, 1, :])  # (B, C/8)
+            prior = torch.einsum("bc,bchw->bhw", hyper, features)[:, None]
+        return features, pe, prior
+
+    def _zero_logit_heads(self) -> None:
+        """Zero the logit outputs of the coarse and fine heads, so that logits start as the SAM prior."""
+        with torch.no_grad():
+            for head in self.decoder.coarse_heads:
+                head.weight[0].zero_()
+                head.bias[0].zero_()
+            for head in self.decoder.fine_heads:
+                last = [m for m in head.modules() if isinstance(m, torch.nn.Linear)][-1]
+                last.weight.zero_()
+                last.bias.zero_()
 
     def is_decoder_parameter(self, name: str) -> bool:
         """True for the implicit decoder's parameters (their own learning rate)."""
@@ -102,23 +124,34 @@ class IMedSAM(SegmentationSystem):
             coarse logits (B, 1, N), fine logits (B, 1, N), targets (B, 1, N).
         """
         embeddings = self.encode(images)
-        features, pe = self._features(embeddings, Prompts(boxes=boxes.view(-1, 1, 4)))
+        features, pe, prior = self._features(embeddings, Prompts(boxes=boxes.view(-1, 1, 4)))
         coords, targets = sample_training_points(masks, n_points, boundary_fraction, generator=generator)
-        out = self.decoder(features, pe, coords=coords.to(features.device))
-        return out.coarse_logits, out.fine_logits, targets[:, None, :].to(out.fine_logits.dtype)
+        coords = coords.to(features.device)
+        out = self.decoder(features, pe, coords=coords)
+        coarse, fine = out.coarse_logits, out.fine_logits
+        if prior is not None:
+            at_points = sample_features(prior, coords).transpose(1, 2)  # (B, 1, N)
+            coarse, fine = coarse + at_points, fine + at_points
+        return coarse, fine, targets[:, None, :].to(fine.dtype)
 
     # ----------------------------------------------------------------- inference
     def decode(self, embeddings: torch.Tensor, prepared: PreparedImage, prompts: Prompts, *,
                multimask: bool = False, size: tuple[int, int] | None = None,
                uncertainty: bool = False, seed: int = 0) -> DecodeResult:
         size = tuple(size or prepared.original_size)
-        features, pe = self._features(embeddings, prompts)
+        features, pe, prior = self._features(embeddings, prompts)
         if prepared.input_size == (prepared.img_size, prepared.img_size):
             out = self.decoder(features, pe, size=size, seed=seed)  # the grid covers the whole input
+            if prior is not None:
+                prior = F.interpolate(prior.float(), size=size, mode="bilinear", align_corners=False)
         else:  # padded input: query the pixel centres of the valid region only
             coords = grid_query_coords(prepared, size, features.device)[None]
             out = self.decoder(features, pe, coords=coords, seed=seed)
+            if prior is not None:
+                prior = sample_features(prior.float(), coords).transpose(1, 2)
         logits = out.fine_logits.float().reshape(1, 1, *size)
+        if prior is not None:
+            logits = logits + prior.reshape(1, 1, *size)
         prob = torch.sigmoid(logits)
         fg = prob > 0.5
         score = prob[fg].mean() if bool(fg.any()) else torch.zeros((), device=prob.device)

@@ -146,6 +146,9 @@ class FrequencyAdapter(nn.Module):
         skip: include ``z`` in the output (I-MedSAM's ``skip_connect=True``); ``False`` gives ``up(GELU(down(z)))``.
         norm_trainable: whether ``LN_f`` trains (paper mode) or stays frozen at weight 1 / bias 0 (reference).
         eps: LayerNorm epsilon.
+        gate_init: ``None`` (I-MedSAM): the block adds ``scale * F_i``. A number adds a learnable scalar gate,
+            ``scale * gate * F_i``, initialised to it; ``0.0`` makes the adapted encoder exactly the pretrained
+            one at initialisation (useful when fine-tuning budgets are short).
 
     Shapes: ``(B, ..., C) -> (B, ..., C)``.
     """
@@ -158,6 +161,7 @@ class FrequencyAdapter(nn.Module):
         skip: bool = True,
         norm_trainable: bool = True,
         eps: float = 1e-6,
+        gate_init: float | None = None,
     ) -> None:
         super().__init__()
         if int(dim) < 1 or int(hidden) < 1:
@@ -171,6 +175,11 @@ class FrequencyAdapter(nn.Module):
         self.down = nn.Linear(self.dim, self.hidden)
         self.act = nn.GELU()
         self.up = nn.Linear(self.hidden, self.dim)
+        self.gate = None if gate_init is None else nn.Parameter(torch.tensor(float(gate_init)))
+
+    def merge(self, f: torch.Tensor) -> torch.Tensor:
+        """What the block adds to its residual stream: ``scale * F_i`` (times the gate, when there is one)."""
+        return self.scale * f if self.gate is None else (self.scale * self.gate.to(f.dtype)) * f
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         z = self.norm(f)

@@ -132,6 +132,8 @@ class PeftConfig:
         frequency: add the frequency stream and one FA per attention block.
         fa_hidden: FA bottleneck width.
         fa_scale: factor on ``F_i`` where it joins the residual stream.
+        fa_gate_init: ``None`` (I-MedSAM), or the initial value of a learnable per-block gate on ``F_i``
+            (``0.0``: the adapted encoder equals the pretrained one at initialisation).
         fa_norm_trainable: train the FA's LayerNorm.
         log_amplitude: ``log1p`` the FFT amplitude before min-max.
     """
@@ -146,6 +148,7 @@ class PeftConfig:
     frequency: bool = True
     fa_hidden: int = 4
     fa_scale: float = 0.5
+    fa_gate_init: float | None = None
     fa_norm_trainable: bool | None = None
     log_amplitude: bool | None = None
 
@@ -282,7 +285,7 @@ class FrequencyAdaptedViT(_FrequencyAdaptedEncoder):
                 x = window_unpartition(x, block.window_size, pad_hw, hw)
             x = shortcut + x
             f = adapter(f)
-            x = x + block.mlp(block.norm2(x)) + adapter.scale * f
+            x = x + block.mlp(block.norm2(x)) + adapter.merge(f)
         return x
 
     def forward(self, x: torch.Tensor, valid_hw: Any = None) -> torch.Tensor:
@@ -329,7 +332,7 @@ class FrequencyAdaptedTinyViT(_FrequencyAdaptedEncoder):
                 x = x + drop_path(block._window_attention(x), rate, training)
                 x = block.local_conv(x.transpose(1, 2).reshape(b, c, h, w)).reshape(b, c, n).transpose(1, 2)
                 f = adapter(f)
-                x = x + drop_path(block.mlp(x), rate, training) + adapter.scale * f
+                x = x + drop_path(block.mlp(x), rate, training) + adapter.merge(f)
             if layer.downsample is not None:
                 x = layer.downsample(x)
                 f = layer.downsample(f)
@@ -418,7 +421,7 @@ def inject_adapters(encoder: nn.Module, config: PeftConfig | None = None) -> nn.
         return encoder
     adapters = [
         FrequencyAdapter(_block_dim(block), hidden=config.fa_hidden, scale=config.fa_scale, skip=True,
-                         norm_trainable=config.norm_trainable).to(**factory)
+                         norm_trainable=config.norm_trainable, gate_init=config.fa_gate_init).to(**factory)
         for block in blocks
     ]
     wrapper_cls = FrequencyAdaptedViT if kind == "vit" else FrequencyAdaptedTinyViT

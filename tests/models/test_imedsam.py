@@ -1,0 +1,60 @@
+"""The assembled I-MedSAM system on tiny random backbones."""
+
+import numpy as np
+import pytest
+import torch
+
+from imedsam.infer.segmenter import Segmenter
+from imedsam.models.config import DecoderSettings, ModelConfig, PeftSettings
+from imedsam.models.imedsam import build_imedsam, imedsam_parameter_breakdown
+from imedsam.models.registry import build_system
+
+
+@pytest.mark.parametrize("backbone", ["tiny_vit_test", "tiny_tinyvit_test"])
+def test_any_output_grid_and_uncertainty(backbone):
+    torch.manual_seed(0)
+    seg = Segmenter("imedsam", backbone=backbone, device="cpu", precision="fp32")
+    image = np.random.default_rng(0).integers(0, 255, (37, 53, 3), dtype=np.uint8)  # padded (non-square) input
+    seg.set_image(image)
+    for size in [(37, 53), (17, 23), (1, 1), (96, 64)]:
+        pred = seg.predict(box=(5, 5, 30, 30), size=size, uncertainty=True)
+        assert pred.masks.shape == (1, *size) and pred.uncertainty.shape == size
+    big = seg.predict(box=(5, 5, 30, 30), size=(300, 400), uncertainty=True)
+    assert float(big.uncertainty.max()) > 0  # MC dropout is live at inference (paper mode)
+    again = seg.predict(box=(5, 5, 30, 30), size=(300, 400), uncertainty=True)
+    np.testing.assert_array_equal(big.uncertainty, again.uncertainty)  # seeded
+
+
+def test_reference_mode_vit_b_has_the_papers_parameter_count():
+    counts = imedsam_parameter_breakdown("sam_vit_b", "reference", img_size=384)
+    assert counts["total_trainable"] == 1_595_742
+    assert counts["total"] == 92_525_154  # the independent total at 384 (systems.md A.5)
+
+
+def test_sam_prior_with_zero_gate_starts_as_the_zero_shot_backbone():
+    torch.manual_seed(0)
+    base = build_system("tiny_tinyvit_test")
+    config = ModelConfig(backbone="tiny_tinyvit_test", peft=PeftSettings(fa_gate_init=0.0),
+                         decoder=DecoderSettings(sam_prior=True, coarse_hidden=(32, 16), coarse_feature_dim=8,
+                                                 fine_hidden=(16, 16)))
+    torch.manual_seed(0)  # the same random backbone weights as `base` (built first, from the same seed)
+    adapted = build_imedsam(config=config, pretrained=False)
+    torch.testing.assert_close(adapted.mask_decoder.iou_token.weight, base.sam.mask_decoder.iou_token.weight)
+    image = np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    zero_shot, ours = Segmenter(base, device="cpu", precision="fp32"), Segmenter(adapted, device="cpu",
+                                                                                 precision="fp32")
+    zero_shot.set_image(image)
+    ours.set_image(image)
+    a = zero_shot.predict(box=(10, 12, 40, 50))
+    b = ours.predict(box=(10, 12, 40, 50))
+    np.testing.assert_allclose(b.logits, a.logits, atol=1e-4)
+    # and it trains away from there: the gate and the logit heads receive gradient
+    images = torch.rand(1, 3, 64, 64)
+    masks = torch.zeros(1, 1, 64, 64)
+    masks[..., 10:40, 12:50] = 1
+    adapted.train()
+    coarse, fine, targets = adapted.forward_train(images, torch.tensor([[12.0, 10, 49, 39]]), masks, n_points=64)
+    torch.nn.functional.binary_cross_entropy_with_logits(fine, targets).backward()
+    gates = [a.gate.grad for a in adapted.image_encoder.adapters]
+    assert all(g is not None for g in gates) and any(float(g.abs()) > 0 for g in gates)
+    assert float(adapted.decoder.coarse_heads[0].weight.grad[0].abs().sum()) > 0

@@ -1,6 +1,7 @@
 """The command line: verbs run, user errors are one line with exit status 2 and write nothing."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -42,6 +43,18 @@ def test_segment_output_grid(tmp_path, image_file, capsys):
     assert code == 0 and np.asarray(Image.open(out)).shape == (7, 9)
 
 
+def test_segment_adaptive_large_grid(tmp_path, capsys, caplog):
+    image_file = tmp_path / "square.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40), dtype=np.uint8)).save(image_file)
+    out = tmp_path / "mask.png"
+    caplog.set_level(logging.DEBUG, logger="imedsam.decoders.implicit")
+    code, _, _ = _run(capsys, ["segment", str(image_file), "--box", "5", "5", "30", "30",
+                               "--size", "400", "480", "--adaptive", "--out", str(out), "--model", "imedsam", "--backbone",
+                               "tiny_tinyvit_test"])
+    assert code == 0 and np.asarray(Image.open(out)).shape == (400, 480)
+    assert any("adaptive decode 400x480: stride 3" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["segment", "MISSING.png", "--box", "1", "1", "5", "5"], "not found"),
     (["segment", "IMG", "--box", "30", "30", "5", "5"], "degenerate"),
@@ -52,6 +65,7 @@ def test_segment_output_grid(tmp_path, image_file, capsys):
     (["segment", "IMG", "--box", "1", "1", "5", "5", "--model", "sam_vit_b"], "--checkpoint"),
     (["segment", "IMG", "--box", "1", "1", "5", "5", "--model", "tiny_vit_test", "--checkpoint", "CKPT"],
      "CKPT"),
+    (["segment", "IMG", "--box", "1", "1", "5", "5", "--model", "tiny_vit_test", "--adaptive"], "--adaptive"),
 ])
 def test_user_errors_are_one_line_exit_2_and_write_nothing(tmp_path, image_file, capsys, argv, message):
     bad_ckpt = tmp_path / "bad.pth"

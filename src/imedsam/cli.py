@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", default=None,
                    help="display window for CT/MR: soft_tissue | lung | bone | brain | CENTER,WIDTH")
     p.add_argument("--multimask", action="store_true", help="let SAM propose 3 masks and keep the best-scored")
+    p.add_argument("--adaptive", action="store_true",
+                   help="implicit decoder: decode large --size grids exactly only near the boundary (faster; "
+                        "approximate)")
     _add_model_args(p)
 
     p = sub.add_parser("info", help="models, weights found, device and versions")
@@ -105,6 +108,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
         options["backbone"] = args.backbone
     seg = Segmenter(args.model, checkpoint=args.checkpoint, adapter=args.adapter, device=args.device,
                     precision=args.precision, **options)
+    if args.adaptive:
+        from imedsam.models.imedsam import enable_adaptive_decoding
+
+        enable_adaptive_decoding(seg.system)
     seg.set_image(rgb)
     points = labels = None
     if args.point:

@@ -58,3 +58,21 @@ def test_sam_prior_with_zero_gate_starts_as_the_zero_shot_backbone():
     gates = [a.gate.grad for a in adapted.image_encoder.adapters]
     assert all(g is not None for g in gates) and any(float(g.abs()) > 0 for g in gates)
     assert float(adapted.decoder.coarse_heads[0].weight.grad[0].abs().sum()) > 0
+
+
+def test_adaptive_decoding_with_the_sam_prior_keeps_the_prior_prediction():
+    """At init the residual is 0: adaptive decoding (steered by the prior) must give the prior's logits."""
+    from imedsam.models.imedsam import enable_adaptive_decoding
+
+    torch.manual_seed(0)
+    config = ModelConfig(backbone="tiny_tinyvit_test", peft=PeftSettings(fa_gate_init=0.0),
+                         decoder=DecoderSettings(sam_prior=True, coarse_hidden=(32, 16), coarse_feature_dim=8,
+                                                 fine_hidden=(16, 16)))
+    system = build_imedsam(config=config, pretrained=False)
+    seg = Segmenter(system, device="cpu", precision="fp32")
+    seg.set_image(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    exact = seg.predict(box=(10, 12, 40, 50), size=(512, 512), uncertainty=True)
+    enable_adaptive_decoding(system)
+    adaptive = seg.predict(box=(10, 12, 40, 50), size=(512, 512), uncertainty=True)
+    np.testing.assert_allclose(adaptive.logits, exact.logits, atol=1e-4)
+    assert adaptive.uncertainty.shape == (512, 512)

@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 def run_evaluation(*, run: str | None, model: str | None, checkpoint: str | None, data: str | Path, split: str,
                    sizes: list, sweep: bool, out: str | Path, device: str = "auto", precision: str = "fp32",
-                   seed: int = 0, limit: int | None = None) -> dict:
+                   seed: int = 0, limit: int | None = None, adaptive: bool = False) -> dict:
     """Score a trained run (``run``) or a zero-shot model (``model``) on ``split`` of ``data``; returns a summary."""
     from imedsam.data import SegmentationDataset, discover
     from imedsam.evaluate.metrics import conventions, summarize
@@ -33,6 +33,10 @@ def run_evaluation(*, run: str | None, model: str | None, checkpoint: str | None
     dev = resolve_device(device)
     amp = autocast_dtype(dev, precision)
     system = build_system("imedsam", adapter=run) if run else build_system(model, checkpoint=checkpoint)
+    if adaptive:
+        from imedsam.models.imedsam import enable_adaptive_decoding
+
+        enable_adaptive_decoding(system)
     system.to(dev).eval()
     rows = evaluate_cases(system, cases, sizes=sizes, device=dev, amp_dtype=amp, seed=seed)
     if not rows:
@@ -55,6 +59,7 @@ def run_evaluation(*, run: str | None, model: str | None, checkpoint: str | None
         overlays[f"{label}: {case_id}"] = (resize_rgb(case.image, grid), resize_nearest(case.gt, grid), pred)
     config = {"run": str(run) if run else None, "model": model, "checkpoint": checkpoint, "data": str(data),
               "split": split, "grids": [s if s is None else list(s) for s in sizes], "precision": precision,
+              "decoding": "adaptive" if adaptive else "exact",
               "seed": seed, "prompt": "tight box of the ground-truth mask at the original resolution",
               "protocol": " ".join(protocol_text.split())}
     paths = write_report(out, rows, config=config, conventions=conventions(), overlays=overlays,

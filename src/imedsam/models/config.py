@@ -41,6 +41,9 @@ class DecoderSettings(_Strict):
     mc_samples: int = Field(8, ge=1, description="Monte-Carlo dropout passes T for the uncertainty")
     topk_ratio: float = Field(0.125, ge=0, le=1, description="fraction of most uncertain points refined per image")
     chunk_size: int = Field(65536, ge=1, description="points decoded per chunk (bounds memory)")
+    adaptive: bool = Field(False, description="inference on output grids at least 4x finer than the decoder "
+                                              "features: evaluate exactly only near the decision boundary, "
+                                              "interpolate elsewhere (fast large grids; an approximation)")
     sam_prior: bool = Field(False, description="add the backbone's own SAM mask logit (its low-res mask, "
                                                "bilinearly interpolated at each query point) to the implicit "
                                                "decoder's logits; the logit heads start at zero, so the system "

@@ -52,7 +52,16 @@ def decoder_config(config: ModelConfig, transformer_dim: int) -> ImplicitDecoder
         coarse_hidden=tuple(d.coarse_hidden), coarse_feature_dim=d.coarse_feature_dim,
         fine_hidden=tuple(d.fine_hidden), dropout=d.dropout,
         mc_samples=d.mc_samples if config.mode == "paper" else None,
-        topk_ratio=d.topk_ratio, chunk_size=d.chunk_size)
+        topk_ratio=d.topk_ratio, chunk_size=d.chunk_size, adaptive=d.adaptive)
+
+
+def enable_adaptive_decoding(system: SegmentationSystem, argument: str = "--adaptive") -> None:
+    """Switch an I-MedSAM system's implicit decoder to adaptive grid decoding (inference; see
+    :class:`imedsam.decoders.implicit.ImplicitDecoderConfig`). Other systems raise a one-line error."""
+    if not isinstance(system, IMedSAM):
+        raise ImedsamError(f"{argument}: only the implicit decoder decodes adaptively; use --model imedsam "
+                           "(or --run of a trained I-MedSAM)")
+    system.decoder.config.adaptive = True
 
 
 class IMedSAM(SegmentationSystem):
@@ -141,10 +150,13 @@ class IMedSAM(SegmentationSystem):
         size = tuple(size or prepared.original_size)
         features, pe, prior = self._features(embeddings, prompts)
         if prepared.input_size == (prepared.img_size, prepared.img_size):
-            out = self.decoder(features, pe, size=size, seed=seed)  # the grid covers the whole input
+            out = self.decoder(features, pe, size=size, seed=seed, prior_logits=prior)  # the grid covers the input
             if prior is not None:
                 prior = F.interpolate(prior.float(), size=size, mode="bilinear", align_corners=False)
         else:  # padded input: query the pixel centres of the valid region only
+            if self.decoder.config.adaptive:
+                log.warning("adaptive decoding needs a square image (the output grid must cover the whole "
+                            "encoder input); this %dx%d image is decoded exactly", *prepared.original_size)
             coords = grid_query_coords(prepared, size, features.device)[None]
             out = self.decoder(features, pe, coords=coords, seed=seed)
             if prior is not None:

@@ -1,12 +1,18 @@
 """I-MedSAM speed and memory on CPU (2 threads, random weights), JSON lines.
 
 Figures (each in its own subprocess, peak RSS is the process's):
-* ``infer``: one image end to end (encoder + prompt + implicit decoder) at an output grid, paper mode, fp32;
+* ``infer``: one image end to end (encoder + prompt + implicit decoder) at an output grid, paper mode;
 * ``train_step``: one optimizer step, batch 1, ``points`` sampled query points per image;
-* ``decode_only``: the implicit decoder alone at large grids (2048^2, 4096^2) with bounded memory.
+* ``decode_only``: the implicit decoder alone at large grids (2048^2, 4096^2) with bounded memory;
+* ``trained_decode``: a TRAINED I-MedSAM on LiteMedSAM (``--run``, default ``runs/sessile``, made by
+  ``benchmarks/sessile.py``) on the first Kvasir-Sessile test image with its tight GT box, decoded at a large
+  grid exactly and with ``adaptive`` decoding, side by side, with their pixel agreement (random weights have
+  no smooth decision boundary, so adaptive decoding is only measured on trained weights).
 
     python benchmarks/imedsam.py                     # ViT-B at 384 (the reference's setting) + LiteMedSAM at 256
     python benchmarks/imedsam.py --cases vitb_infer  # one figure
+    python benchmarks/imedsam.py --precisions fp32   # fp32 only (default: fp32 and, on CPUs with native bf16,
+                                                     # bf16 autocast, side by side)
 
 Reference I-MedSAM code on this machine (from the project brief, same setting ViT-B 384^2 in and out): 9.5 s per
 image, 20 s and 6.3 GB per training step, 72 s and 12 GB to decode 1024^2, out of memory (> 21 GB) at 2048^2.
@@ -31,10 +37,56 @@ CASES = {
     "vitb_decode_4096": dict(kind="infer", backbone="sam_vit_b", img=384, grid=4096),
     "lite_infer": dict(kind="infer", backbone="litemedsam", img=256, grid=256),
     "lite_train_step": dict(kind="train_step", backbone="litemedsam", img=256, points=4096),
+    "lite_trained_1024": dict(kind="trained_decode", backbone="litemedsam", img=256, grid=1024),
+    "lite_trained_2048": dict(kind="trained_decode", backbone="litemedsam", img=256, grid=2048),
 }
+ROOT = Path(__file__).resolve().parents[1]
+SESSILE = ROOT.parent / "shared" / "data" / "kvasir-sessile"
 
 
-def run_case(name: str, threads: int) -> dict:
+def trained_decode(case: dict, run: Path, result: dict, amp) -> dict:
+    """Exact vs adaptive decoding of a trained run at ``case["grid"]``; see the module docstring."""
+    import time
+
+    import numpy as np
+    import torch
+
+    from imedsam.data import SegmentationDataset, discover
+    from imedsam.data.prompts import box_from_mask
+    from imedsam.infer.prepare import prepare_image, to_input_coords
+    from imedsam.models.base import Prompts
+    from imedsam.models.registry import build_system
+    from imedsam.runtime import autocast
+    from imedsam.train.api import dataset_cases
+
+    from imedsam.train.checkpoint import BEST_ADAPTER_FILE
+
+    adapter = run / BEST_ADAPTER_FILE
+    if not adapter.exists() or not SESSILE.is_dir():
+        return {**result, "skipped": f"needs {adapter} (python benchmarks/sessile.py) and {SESSILE}"}
+    system = build_system("imedsam", adapter=adapter).eval()
+    item = dataset_cases(SegmentationDataset(discover(SESSILE), split="test"), limit=1)[0]
+    grid = (case["grid"], case["grid"])
+    masks, seconds = {}, {}
+    with torch.inference_mode(), autocast(torch.device("cpu"), amp):
+        prepared = prepare_image(item.image, system.preprocess)
+        emb = system.encode(prepared.tensor, valid_hw=prepared.input_size)
+        box = torch.tensor(to_input_coords(box_from_mask(item.gt), prepared), dtype=torch.float32).view(1, 4)
+        for mode in ("exact", "adaptive"):
+            system.decoder.config.adaptive = mode == "adaptive"
+            start = time.perf_counter()
+            out = system.decode(emb, prepared, Prompts(boxes=box), size=grid, uncertainty=True)
+            seconds[mode] = round(time.perf_counter() - start, 3)
+            masks[mode] = out.logits[0, 0].numpy() > 0
+    a, b = masks["exact"], masks["adaptive"]
+    return {**result, "weights": str(adapter), "image": item.case_id, "output": list(grid),
+            "exact_decode_seconds": seconds["exact"], "adaptive_decode_seconds": seconds["adaptive"],
+            "speedup": round(seconds["exact"] / seconds["adaptive"], 1),
+            "pixel_agreement": round(float((a == b).mean()), 5),
+            "dice_adaptive_vs_exact": round(float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1)), 5)}
+
+
+def run_case(name: str, threads: int, precision: str, run: Path | None = None) -> dict:
     import resource
     import time
 
@@ -45,20 +97,28 @@ def run_case(name: str, threads: int) -> dict:
     from imedsam.models.base import Prompts
     from imedsam.models.config import ModelConfig
     from imedsam.models.imedsam import build_imedsam
+    from imedsam.runtime import autocast, autocast_dtype, cpu_has_fast_bf16
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     case = CASES[name]
+    cpu = torch.device("cpu")
+    amp = autocast_dtype(cpu, precision)
+    head = {"benchmark": "imedsam", "case": name, **case, "threads": threads, "precision": precision,
+            "cpu_native_bf16": cpu_has_fast_bf16(), "mode": "paper"}
+    if case["kind"] == "trained_decode":
+        result = trained_decode(case, run or ROOT / "runs" / "sessile", head, amp)
+        result["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2)
+        return result
     system = build_imedsam(config=ModelConfig(backbone=case["backbone"], img_size=case["img"]), pretrained=False)
-    result = {"benchmark": "imedsam", "case": name, **case, "threads": threads, "precision": "fp32",
-              "mode": "paper", "weights": "random"}
+    result = {**head, "weights": "random"}
     if case["kind"] == "infer":
         system.eval()
         image = np.random.default_rng(0).integers(0, 255, (case["img"], case["img"], 3), dtype=np.uint8)
         times = []
         for _ in range(1 if case["grid"] > 1024 else 2):
             start = time.perf_counter()
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast(cpu, amp):
                 prepared = prepare_image(image, system.preprocess)
                 emb = system.encode(prepared.tensor, valid_hw=prepared.input_size)
                 enc = time.perf_counter() - start
@@ -85,9 +145,10 @@ def run_case(name: str, threads: int) -> dict:
         times = []
         for step in range(3):
             start = time.perf_counter()
-            coarse, fine, targets = system.forward_train(images, boxes, masks, n_points=case["points"],
-                                                         generator=torch.Generator().manual_seed(step))
-            loss = 0.5 * loss_fn(coarse, targets) + 0.5 * loss_fn(fine, targets)
+            with autocast(cpu, amp):  # as the training loop
+                coarse, fine, targets = system.forward_train(images, boxes, masks, n_points=case["points"],
+                                                             generator=torch.Generator().manual_seed(step))
+                loss = 0.5 * loss_fn(coarse, targets) + 0.5 * loss_fn(fine, targets)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -101,15 +162,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--run", default=str(ROOT / "runs" / "sessile"),
+                        help="trained run for the trained_decode cases (default: runs/sessile)")
+    parser.add_argument("--precisions", default=None,
+                        help="comma-separated fp32,bf16 (default: fp32, plus bf16 when the CPU has native bf16)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_case(args.one, args.threads)), flush=True)
+        print(json.dumps(run_case(args.one, args.threads, args.precisions, Path(args.run))), flush=True)
         return
+    from imedsam.runtime import cpu_has_fast_bf16
+
+    precisions = args.precisions or ("fp32,bf16" if cpu_has_fast_bf16() else "fp32")
     env = dict(os.environ, THP_MEM_ALLOC_ENABLE="1")
     for name in args.cases.split(","):
-        subprocess.run([sys.executable, __file__, "--one", name, "--threads", str(args.threads)], env=env,
-                       check=False)
+        for precision in precisions.split(","):  # side by side
+            subprocess.run([sys.executable, __file__, "--one", name, "--threads", str(args.threads),
+                            "--precisions", precision, "--run", args.run], env=env, check=False)
 
 
 if __name__ == "__main__":

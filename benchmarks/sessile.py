@@ -5,7 +5,8 @@ I-MedSAM trained on ``train`` (config ``configs/imedsam-sessile.yaml`` + the ove
 chosen on ``val`` Dice only, both methods reported on ``test``; prompt = tight box of the ground-truth mask
 (pixel indices of its extreme pixels), prediction directly on the native 256x256 grid, fp32, Dice/IoU per image
 averaged over images, HD95 in pixels (MONAI convention: max of the two directed 95th percentiles). Training time
-is wall clock on this machine (2 threads).
+is wall clock on this machine (2 threads). On CPUs with native bf16 the trained model is also scored with bf16
+autocast (inference only), to show whether ``--precision auto`` keeps the accuracy.
 
     python benchmarks/sessile.py [--out runs/sessile] [--resume] [KEY=VALUE overrides]
 """
@@ -26,13 +27,14 @@ DATA = ROOT.parent / "shared" / "data" / "kvasir-sessile"
 DEFAULT_OVERRIDES = ["run.precision=fp32"]
 
 
-def score(system, cases, device) -> dict:
+def score(system, cases, device, amp=None) -> dict:
     import numpy as np
 
     from imedsam.evaluate.protocol import evaluate_cases
 
-    rows = evaluate_cases(system, cases, sizes=[None], device=device, seed=0, progress=False)
-    out = {"n": len(rows)}
+    start = time.perf_counter()
+    rows = evaluate_cases(system, cases, sizes=[None], device=device, amp_dtype=amp, seed=0, progress=False)
+    out = {"n": len(rows), "seconds_per_image": round((time.perf_counter() - start) / max(len(rows), 1), 2)}
     for key in ("dice", "iou", "hd95"):
         values = np.array([r[key] for r in rows], dtype=float)
         out[key] = round(float(np.nanmean(values)), 4)
@@ -83,6 +85,12 @@ def main() -> None:
                       "selection": "best val Dice", "overrides": DEFAULT_OVERRIDES + args.overrides,
                       "train_minutes": None if seconds is None else round(seconds / 60, 1),
                       **score(trained, test_cases, device)}), flush=True)
+    from imedsam.runtime import cpu_has_fast_bf16
+
+    if cpu_has_fast_bf16():  # does bf16 autocast (what --precision auto picks on this CPU) keep the accuracy?
+        print(json.dumps({"benchmark": "sessile", "method": "I-MedSAM (LiteMedSAM backbone)", **protocol,
+                          "precision": "bf16 autocast (inference only)", "selection": "best val Dice",
+                          **score(trained, test_cases, device, torch.bfloat16)}), flush=True)
 
 
 if __name__ == "__main__":

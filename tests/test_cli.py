@@ -43,6 +43,15 @@ def test_segment_output_grid(tmp_path, image_file, capsys):
     assert code == 0 and np.asarray(Image.open(out)).shape == (7, 9)
 
 
+def test_segment_min_component_removes_small_parts(tmp_path, image_file, capsys):
+    kept, filtered = tmp_path / "kept.png", tmp_path / "filtered.png"
+    base = ["segment", str(image_file), "--box", "5", "5", "30", "30", "--model", "tiny_vit_test"]
+    assert _run(capsys, base + ["--out", str(kept)])[0] == 0
+    assert _run(capsys, base + ["--out", str(filtered), "--min-component", str(40 * 48 + 1)])[0] == 0
+    assert np.asarray(Image.open(kept)).any()  # the random model predicts something here
+    assert not np.asarray(Image.open(filtered)).any()  # no component can be larger than the image
+
+
 def test_segment_adaptive_large_grid(tmp_path, capsys, caplog):
     image_file = tmp_path / "square.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40), dtype=np.uint8)).save(image_file)

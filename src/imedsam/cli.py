@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", default=None,
                    help="display window for CT/MR: soft_tissue | lung | bone | brain | CENTER,WIDTH")
     p.add_argument("--multimask", action="store_true", help="let SAM propose 3 masks and keep the best-scored")
+    p.add_argument("--min-component", type=int, default=0, metavar="N",
+                   help="remove mask components smaller than N output pixels (default 0: none)")
     p.add_argument("--adaptive", action="store_true",
                    help="implicit decoder: decode large --size grids exactly only near the boundary (faster; "
                         "approximate)")
@@ -120,7 +122,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
             raise ImedsamError(f"--point: LABEL must be 1 (foreground) or 0 (background), got {pts[:, 2].tolist()}")
         points, labels = pts[:, :2], pts[:, 2].astype(np.int64)
     pred = seg.predict(box=args.box, points=points, point_labels=labels, multimask=args.multimask,
-                       size=tuple(args.size) if args.size else None, uncertainty=bool(args.uncertainty))
+                       size=tuple(args.size) if args.size else None, uncertainty=bool(args.uncertainty),
+                       min_component=args.min_component)
     best = int(np.argmax(pred.scores))
     mask = pred.masks[best]
     io.write_mask(args.out, mask)

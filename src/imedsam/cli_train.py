@@ -36,6 +36,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="fp32", help="fp32 (default) | auto | bf16 | fp16")
     p.add_argument("--seed", type=int, default=0, help="seed of the MC-dropout passes")
+    p.add_argument("--min-component", type=int, default=0, metavar="N",
+                   help="remove predicted components smaller than N pixels before scoring (default 0: none)")
     p.add_argument("--adaptive", action="store_true",
                    help="implicit decoder: decode large grids exactly only near the boundary (faster; approximate)")
 
@@ -79,7 +81,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     summary = run_evaluation(run=args.run, model=args.model, checkpoint=args.checkpoint, data=args.data,
                              split=args.split, sizes=sizes, sweep=sweep is not None, out=args.out,
                              device=args.device, precision=args.precision, seed=args.seed, limit=args.limit,
-                             adaptive=args.adaptive)
+                             adaptive=args.adaptive, min_component=args.min_component)
     print(json.dumps(summary))
     return 0
 

@@ -1,5 +1,6 @@
 """Training on a tiny synthetic dataset with a tiny random backbone: loss decreases, resume is exact, CLI works."""
 
+import csv
 import json
 
 import numpy as np
@@ -117,4 +118,11 @@ def test_cli_train_then_evaluate_writes_a_report(disc_dataset, tmp_path, capsys)
                  "--sweep", "16,48", "--device", "cpu"]) == 0
     summary = json.loads((report / "summary.json").read_text())
     assert (report / "cases.csv").exists() and (report / "report.html").stat().st_size > 1000
-    assert summary is not None
+    assert summary["config"]["min_component"] == 0
+    filtered = tmp_path / "report_filtered"
+    assert main(["evaluate", "--run", str(run), "--data", str(disc_dataset), "--out", str(filtered),
+                 "--min-component", "1000000", "--device", "cpu"]) == 0
+    summary = json.loads((filtered / "summary.json").read_text())
+    assert summary["config"]["min_component"] == 1000000
+    # every predicted component is smaller than that: all predictions are empty, so Dice is 0 for every case
+    assert all(float(row["dice"]) == 0.0 for row in csv.DictReader(open(filtered / "cases.csv")))

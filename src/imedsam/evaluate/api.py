@@ -14,7 +14,8 @@ log = logging.getLogger(__name__)
 
 def run_evaluation(*, run: str | None, model: str | None, checkpoint: str | None, data: str | Path, split: str,
                    sizes: list, sweep: bool, out: str | Path, device: str = "auto", precision: str = "fp32",
-                   seed: int = 0, limit: int | None = None, adaptive: bool = False) -> dict:
+                   seed: int = 0, limit: int | None = None, adaptive: bool = False,
+                   min_component: int = 0) -> dict:
     """Score a trained run (``run``) or a zero-shot model (``model``) on ``split`` of ``data``; returns a summary."""
     from imedsam.data import SegmentationDataset, discover
     from imedsam.evaluate.metrics import conventions, summarize
@@ -38,7 +39,8 @@ def run_evaluation(*, run: str | None, model: str | None, checkpoint: str | None
 
         enable_adaptive_decoding(system)
     system.to(dev).eval()
-    rows = evaluate_cases(system, cases, sizes=sizes, device=dev, amp_dtype=amp, seed=seed)
+    rows = evaluate_cases(system, cases, sizes=sizes, device=dev, amp_dtype=amp, seed=seed,
+                          min_component=min_component)
     if not rows:
         raise ImedsamError(f"--data: no case with a non-empty mask in split {split!r}")
     sweep_means = None
@@ -55,11 +57,12 @@ def run_evaluation(*, run: str | None, model: str | None, checkpoint: str | None
     for label, case_id in picks.items():
         case = by_id[case_id]
         grid = tuple(case.gt.shape) if sizes[0] is None else tuple(sizes[0])
-        pred = predict_case(system, case, size=grid, device=dev, amp_dtype=amp, seed=seed)
+        pred = predict_case(system, case, size=grid, device=dev, amp_dtype=amp, seed=seed,
+                            min_component=min_component)
         overlays[f"{label}: {case_id}"] = (resize_rgb(case.image, grid), resize_nearest(case.gt, grid), pred)
     config = {"run": str(run) if run else None, "model": model, "checkpoint": checkpoint, "data": str(data),
               "split": split, "grids": [s if s is None else list(s) for s in sizes], "precision": precision,
-              "decoding": "adaptive" if adaptive else "exact",
+              "decoding": "adaptive" if adaptive else "exact", "min_component": min_component,
               "seed": seed, "prompt": "tight box of the ground-truth mask at the original resolution",
               "protocol": " ".join(protocol_text.split())}
     paths = write_report(out, rows, config=config, conventions=conventions(), overlays=overlays,

@@ -4,7 +4,8 @@ Protocol (written into every report): the prompt is the tight box of the ground-
 resolution (``--box-jitter`` adds seeded expansion), mapped once into the encoder frame; the prediction is made
 DIRECTLY on the requested grid (the implicit decoder evaluates that grid; discrete decoders resize their native
 logits once) and thresholded at logit 0; the ground truth is resized to that grid with nearest-neighbour
-interpolation (or read at the grid's resolution from ``--gt-dir``); metrics follow
+interpolation (or read at the grid's resolution from ``--gt-dir``); with ``--min-component N`` the predicted
+components smaller than N pixels (8-connected, at the output grid) are removed first; metrics follow
 :func:`imedsam.evaluate.metrics.binary_metrics`, with spacing scaled to the grid.
 """
 
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from imedsam.data.prompts import box_from_mask
+from imedsam.infer.postprocess import remove_small_components
 from imedsam.infer.prepare import prepare_image, to_input_coords
 from imedsam.models.base import Prompts
 from imedsam.runtime import autocast
@@ -47,7 +49,7 @@ def resize_nearest(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 @torch.inference_mode()
 def predict_case(system, case: EvalCase, *, size: tuple[int, int] | list | None, device: torch.device,
-                 amp_dtype=None, box: np.ndarray | None = None, seed: int = 0):
+                 amp_dtype=None, box: np.ndarray | None = None, seed: int = 0, min_component: int = 0):
     """Predict one case's mask from its GT box on one grid or several; returns (H_o, W_o) bool (or a list).
 
     The image is embedded once; every grid is decoded from that embedding.
@@ -59,13 +61,14 @@ def predict_case(system, case: EvalCase, *, size: tuple[int, int] | list | None,
         b = box_from_mask(case.gt) if box is None else box
         prompts = Prompts(boxes=torch.as_tensor(to_input_coords(b, prepared), dtype=torch.float32,
                                                 device=device).view(1, 4))
-        preds = [(system.decode(embedding, prepared, prompts, size=s, seed=seed).logits[0, 0].float() > 0)
-                 .cpu().numpy() for s in sizes]
+        preds = [remove_small_components((system.decode(embedding, prepared, prompts, size=s, seed=seed)
+                                          .logits[0, 0].float() > 0).cpu().numpy(), min_component)
+                 for s in sizes]
     return preds if isinstance(size, list) else preds[0]
 
 
 def evaluate_cases(system, cases, *, sizes: list[tuple[int, int] | None], device: torch.device, amp_dtype=None,
-                   seed: int = 0, progress: bool = True) -> list[dict]:
+                   seed: int = 0, progress: bool = True, min_component: int = 0) -> list[dict]:
     """Score every case at every requested grid (``None`` = native). One row per (case, grid)."""
     from imedsam.evaluate.metrics import binary_metrics
 
@@ -76,7 +79,8 @@ def evaluate_cases(system, cases, *, sizes: list[tuple[int, int] | None], device
             log.warning("%s: empty ground truth, no box prompt possible; skipped", case.case_id)
             continue
         grids = [tuple(size) if size is not None else tuple(case.gt.shape) for size in sizes]
-        preds = predict_case(system, case, size=grids, device=device, amp_dtype=amp_dtype, seed=seed)
+        preds = predict_case(system, case, size=grids, device=device, amp_dtype=amp_dtype, seed=seed,
+                             min_component=min_component)
         for grid, pred in zip(grids, preds):
             gt = resize_nearest(case.gt, grid)
             spacing = None

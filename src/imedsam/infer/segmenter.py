@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from imedsam.errors import ImedsamError
+from imedsam.infer.postprocess import remove_small_components
 from imedsam.infer.prepare import PreparedImage, check_box, check_points, prepare_image, to_input_coords
 from imedsam.io.sample import Sample
 from imedsam.models.base import Prompts, SegmentationSystem
@@ -86,7 +87,8 @@ class Segmenter:
             self._embedding = self.system.encode(self._prepared.tensor, valid_hw=self._prepared.input_size)
 
     def predict(self, box=None, points=None, point_labels=None, mask_input=None, *, multimask: bool = False,
-                size: tuple[int, int] | None = None, uncertainty: bool = False) -> Prediction:
+                size: tuple[int, int] | None = None, uncertainty: bool = False,
+                min_component: int = 0) -> Prediction:
         """Decode prompts given in ORIGINAL image pixel coordinates.
 
         Args:
@@ -96,6 +98,8 @@ class Segmenter:
             multimask: return SAM's 3 candidate masks instead of 1.
             size: output grid (H_o, W_o); default the original image size.
             uncertainty: also return the per-pixel uncertainty map (implicit decoders only).
+            min_component: drop 8-connected mask components smaller than this many output pixels (0: keep all;
+                logits are left as decoded).
         """
         self._require_image()
         prepared = self._prepared
@@ -124,7 +128,7 @@ class Segmenter:
                                      uncertainty=uncertainty, seed=self.seed)
         logits = out.logits[0].float().cpu().numpy()
         return Prediction(
-            masks=logits > 0,
+            masks=remove_small_components(logits > 0, min_component),
             scores=out.scores[0].float().cpu().numpy(),
             logits=logits,
             low_res_logits=None if out.low_res_logits is None else out.low_res_logits[0].float().cpu().numpy(),

@@ -1,0 +1,34 @@
+"""Mask post-processing: drop connected components smaller than a size.
+
+Pointwise decoders (the implicit decoder in particular) can leave isolated specks of a few pixels far from the
+object; they barely move Dice but dominate distance metrics (HD95, HD). Off by default everywhere; when used,
+the size is recorded with the results.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from imedsam.errors import ImedsamError
+
+
+def remove_small_components(mask: np.ndarray, min_size: int) -> np.ndarray:
+    """``mask`` (H, W) or (K, H, W) bool with every 8-connected foreground component of fewer than ``min_size``
+    pixels removed (per 2D mask). ``min_size <= 1`` returns the mask unchanged (as bool)."""
+    if int(min_size) != min_size or min_size < 0:
+        raise ImedsamError(f"--min-component: expected a whole number of pixels >= 0, got {min_size!r}")
+    mask = np.asarray(mask, dtype=bool)
+    if min_size <= 1:
+        return mask
+    if mask.ndim == 3:
+        return np.stack([remove_small_components(m, min_size) for m in mask])
+    if mask.ndim != 2:
+        raise ImedsamError(f"remove_small_components: expected a (H, W) or (K, H, W) mask, got {mask.shape}")
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    if n == 0:
+        return mask
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    keep = sizes >= min_size
+    keep[0] = False
+    return keep[labels]

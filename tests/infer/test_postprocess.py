@@ -1,0 +1,39 @@
+"""Small-component removal on analytic masks."""
+
+import numpy as np
+import pytest
+
+from imedsam.errors import ImedsamError
+from imedsam.infer.postprocess import remove_small_components
+
+
+def scene() -> np.ndarray:
+    """A 9x9 square (81 px), a diagonal 3-pixel speck (one 8-connected component) and a 2x2 speck (4 px)."""
+    m = np.zeros((40, 40), dtype=bool)
+    m[5:14, 5:14] = True
+    m[30, 30] = m[31, 31] = m[32, 32] = True
+    m[20:22, 35:37] = True
+    return m
+
+
+def test_removes_components_below_the_size_only():
+    m = scene()
+    out = remove_small_components(m, 4)
+    assert out[5:14, 5:14].all() and out[20:22, 35:37].all()  # 81 and 4 px kept
+    assert not out[30:33, 30:33].any()  # the diagonal speck is one 3-px component: removed
+    assert out.sum() == 81 + 4
+    assert remove_small_components(m, 5).sum() == 81
+    assert remove_small_components(m, 82).sum() == 0
+
+
+def test_zero_and_one_keep_everything_and_stacks_are_per_mask():
+    m = scene()
+    np.testing.assert_array_equal(remove_small_components(m, 0), m)
+    np.testing.assert_array_equal(remove_small_components(m, 1), m)
+    stack = remove_small_components(np.stack([m, np.zeros_like(m)]), 5)
+    assert stack.shape == (2, 40, 40) and stack[0].sum() == 81 and stack[1].sum() == 0
+
+
+def test_bad_size_is_a_user_error():
+    with pytest.raises(ImedsamError, match="--min-component"):
+        remove_small_components(scene(), -1)

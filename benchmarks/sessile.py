@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -61,6 +62,8 @@ def main() -> None:
     from imedsam.train.config import load_config
 
     torch.set_num_threads(2)
+    # per-epoch training records (loss, val Dice, seconds) on stderr; the JSON lines stay on stdout
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not Path(args.data).is_dir():
         sys.exit(f"sessile benchmark: data folder not found: {args.data}")
     device = torch.device("cpu")

@@ -60,8 +60,12 @@ def test_sam_prior_with_zero_gate_starts_as_the_zero_shot_backbone():
     assert float(adapted.decoder.coarse_heads[0].weight.grad[0].abs().sum()) > 0
 
 
-def test_adaptive_decoding_with_the_sam_prior_keeps_the_prior_prediction():
-    """At init the residual is 0: adaptive decoding (steered by the prior) must give the prior's logits."""
+@pytest.mark.parametrize("shape", [(64, 64), (48, 64)])
+def test_adaptive_decoding_with_the_sam_prior_keeps_the_prior_prediction(shape):
+    """At init the residual is 0: adaptive decoding (steered by the prior) must give the prior's prediction.
+
+    A square image is decoded on the exact output grid; a non-square (padded) one on the padded frame at the
+    output's pitch, then cropped: pixel centres move by under half an output pixel."""
     from imedsam.models.imedsam import enable_adaptive_decoding
 
     torch.manual_seed(0)
@@ -70,9 +74,14 @@ def test_adaptive_decoding_with_the_sam_prior_keeps_the_prior_prediction():
                                                  fine_hidden=(16, 16)))
     system = build_imedsam(config=config, pretrained=False)
     seg = Segmenter(system, device="cpu", precision="fp32")
-    seg.set_image(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8))
-    exact = seg.predict(box=(10, 12, 40, 50), size=(512, 512), uncertainty=True)
+    seg.set_image(np.random.default_rng(1).integers(0, 255, (*shape, 3), dtype=np.uint8))
+    size = (shape[0] * 8, shape[1] * 8)
+    exact = seg.predict(box=(10, 12, 40, 40), size=size, uncertainty=True)
     enable_adaptive_decoding(system)
-    adaptive = seg.predict(box=(10, 12, 40, 50), size=(512, 512), uncertainty=True)
-    np.testing.assert_allclose(adaptive.logits, exact.logits, atol=1e-4)
-    assert adaptive.uncertainty.shape == (512, 512)
+    adaptive = seg.predict(box=(10, 12, 40, 40), size=size, uncertainty=True)
+    assert adaptive.uncertainty.shape == size and adaptive.masks.shape == (1, *size)
+    if shape[0] == shape[1]:
+        np.testing.assert_allclose(adaptive.logits, exact.logits, atol=1e-4)
+    else:
+        assert 0 < exact.masks.sum() < exact.masks.size
+        assert (adaptive.masks == exact.masks).mean() > 0.99

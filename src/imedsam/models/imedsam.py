@@ -23,7 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from imedsam.decoders.coords import sample_features
-from imedsam.decoders.implicit import ImplicitDecoder, ImplicitDecoderConfig, sample_training_points
+from imedsam.decoders.implicit import (
+    ImplicitDecoder,
+    ImplicitDecoderConfig,
+    ImplicitOutput,
+    sample_training_points,
+)
 from imedsam.errors import ImedsamError
 from imedsam.infer.prepare import PreparedImage, grid_query_coords
 from imedsam.models.base import DecodeResult, Prompts, SegmentationSystem
@@ -153,10 +158,9 @@ class IMedSAM(SegmentationSystem):
             out = self.decoder(features, pe, size=size, seed=seed, prior_logits=prior)  # the grid covers the input
             if prior is not None:
                 prior = F.interpolate(prior.float(), size=size, mode="bilinear", align_corners=False)
+        elif self.decoder.config.adaptive:  # padded input: decode the whole frame at the output's pitch, crop
+            out, prior = self._decode_padded_adaptive(features, pe, prior, prepared, size, seed)
         else:  # padded input: query the pixel centres of the valid region only
-            if self.decoder.config.adaptive:
-                log.warning("adaptive decoding needs a square image (the output grid must cover the whole "
-                            "encoder input); this %dx%d image is decoded exactly", *prepared.original_size)
             coords = grid_query_coords(prepared, size, features.device)[None]
             out = self.decoder(features, pe, coords=coords, seed=seed)
             if prior is not None:
@@ -174,6 +178,22 @@ class IMedSAM(SegmentationSystem):
                                    "at inference); use mode paper")
             unc = out.uncertainty.float().reshape(1, 1, *size)
         return DecodeResult(logits=logits, scores=score.view(1, 1), uncertainty=unc)
+
+    def _decode_padded_adaptive(self, features: torch.Tensor, pe: torch.Tensor, prior: torch.Tensor | None,
+                                prepared: PreparedImage, size: tuple[int, int], seed: int):
+        """Adaptive decoding needs a grid over the whole encoder frame: decode the padded frame on the grid
+        with the output's pixel pitch, then keep its top-left ``size`` block (the valid region). Pixel centres
+        agree with the exact valid-region grid within half an output pixel; top-k counts frame pixels."""
+        s = prepared.img_size
+        new_h, new_w = prepared.input_size
+        frame = (max(size[0], round(size[0] * s / new_h)), max(size[1], round(size[1] * s / new_w)))
+        out = self.decoder(features, pe, size=frame, seed=seed, prior_logits=prior)
+        crop = (..., slice(0, size[0]), slice(0, size[1]))
+        out = ImplicitOutput(*(t[crop] if t is not None else None for t in (out.coarse_logits, out.fine_logits,
+                                                                           out.uncertainty, out.selected)))
+        if prior is not None:
+            prior = F.interpolate(prior.float(), size=frame, mode="bilinear", align_corners=False)[crop]
+        return out, prior
 
     # ----------------------------------------------------------------- weights
     def save_trainable(self, path: str | Path, config: dict | None = None) -> Path:

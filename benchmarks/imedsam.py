@@ -56,16 +56,14 @@ def trained_decode(case: dict, run: Path, result: dict, amp) -> dict:
     from imedsam.data.prompts import box_from_mask
     from imedsam.infer.prepare import prepare_image, to_input_coords
     from imedsam.models.base import Prompts
+    from imedsam.models.imedsam import set_adaptive_decoding
     from imedsam.models.registry import build_system
     from imedsam.runtime import autocast
     from imedsam.train.api import dataset_cases
 
-    from imedsam.train.checkpoint import BEST_ADAPTER_FILE
-
-    adapter = run / BEST_ADAPTER_FILE
-    if not adapter.exists() or not SESSILE.is_dir():
-        return {**result, "skipped": f"needs {adapter} (python benchmarks/sessile.py) and {SESSILE}"}
-    system = build_system("imedsam", adapter=adapter).eval()
+    if not run.is_dir() or not SESSILE.is_dir():
+        return {**result, "skipped": f"needs the run {run} (python benchmarks/sessile.py) and {SESSILE}"}
+    system = build_system("imedsam", adapter=run).eval()  # the run's best.safetensors
     item = dataset_cases(SegmentationDataset(discover(SESSILE), split="test"), limit=1)[0]
     grid = (case["grid"], case["grid"])
     masks, seconds = {}, {}
@@ -74,13 +72,13 @@ def trained_decode(case: dict, run: Path, result: dict, amp) -> dict:
         emb = system.encode(prepared.tensor, valid_hw=prepared.input_size)
         box = torch.tensor(to_input_coords(box_from_mask(item.gt), prepared), dtype=torch.float32).view(1, 4)
         for mode in ("exact", "adaptive"):
-            system.decoder.config.adaptive = mode == "adaptive"
+            set_adaptive_decoding(system, mode == "adaptive")
             start = time.perf_counter()
             out = system.decode(emb, prepared, Prompts(boxes=box), size=grid, uncertainty=True)
             seconds[mode] = round(time.perf_counter() - start, 3)
             masks[mode] = out.logits[0, 0].numpy() > 0
     a, b = masks["exact"], masks["adaptive"]
-    return {**result, "weights": str(adapter), "image": item.case_id, "output": list(grid),
+    return {**result, "weights": str(run), "image": item.case_id, "output": list(grid),
             "exact_decode_seconds": seconds["exact"], "adaptive_decode_seconds": seconds["adaptive"],
             "speedup": round(seconds["exact"] / seconds["adaptive"], 1),
             "pixel_agreement": round(float((a == b).mean()), 5),

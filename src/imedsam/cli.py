@@ -57,12 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", default=None,
                    help="display window for CT/MR: soft_tissue | lung | bone | brain | CENTER,WIDTH")
     p.add_argument("--multimask", action="store_true", help="let SAM propose 3 masks and keep the best-scored")
-    p.add_argument("--min-component", type=int, default=0, metavar="N",
-                   help="remove mask components smaller than N output pixels (default 0: none)")
-    p.add_argument("--adaptive", action="store_true",
-                   help="implicit decoder: decode large --size grids exactly only near the boundary (faster; "
-                        "approximate)")
     _add_model_args(p)
+    from imedsam import cli_train
+
+    cli_train.add_decoding_args(p)
 
     p = sub.add_parser("info", help="models, weights found, device and versions")
     p.add_argument("--model", default=None, help="show the parameter breakdown of one model")
@@ -74,8 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="use your own dataset folder instead of the embedded default")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     p.add_argument("--device", default="auto")
-
-    from imedsam import cli_train
 
     cli_train.add_parsers(sub)
     return parser
@@ -111,9 +107,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
     seg = Segmenter(args.model, checkpoint=args.checkpoint, adapter=args.adapter, device=args.device,
                     precision=args.precision, **options)
     if args.adaptive:
-        from imedsam.models.imedsam import enable_adaptive_decoding
+        from imedsam.models.imedsam import set_adaptive_decoding
 
-        enable_adaptive_decoding(seg.system)
+        set_adaptive_decoding(seg.system)
     seg.set_image(rgb)
     points = labels = None
     if args.point:

@@ -12,6 +12,22 @@ from imedsam.errors import ImedsamError
 log = logging.getLogger("imedsam")
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text}")
+    return value
+
+
+def add_decoding_args(p: argparse.ArgumentParser) -> None:
+    """Options on how a prediction is decoded and cleaned, shared by `segment` and `evaluate`."""
+    p.add_argument("--min-component", type=_non_negative_int, default=0, metavar="N",
+                   help="remove predicted components smaller than N output pixels (default 0: none)")
+    p.add_argument("--adaptive", action="store_true",
+                   help="implicit decoder: decode large output grids exactly only near the boundary (faster; "
+                        "approximate)")
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="adapt a model on a dataset folder (images/+masks/ or nnU-Net raw)")
     p.add_argument("--config", default=None, help="YAML config (see configs/); default: built-in defaults")
@@ -36,10 +52,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="fp32", help="fp32 (default) | auto | bf16 | fp16")
     p.add_argument("--seed", type=int, default=0, help="seed of the MC-dropout passes")
-    p.add_argument("--min-component", type=int, default=0, metavar="N",
-                   help="remove predicted components smaller than N pixels before scoring (default 0: none)")
-    p.add_argument("--adaptive", action="store_true",
-                   help="implicit decoder: decode large grids exactly only near the boundary (faster; approximate)")
+    add_decoding_args(p)
 
 
 def _sizes(args) -> tuple[list, dict | None]:

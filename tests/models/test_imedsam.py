@@ -66,7 +66,7 @@ def test_adaptive_decoding_with_the_sam_prior_keeps_the_prior_prediction(shape):
 
     A square image is decoded on the exact output grid; a non-square (padded) one on the padded frame at the
     output's pitch, then cropped: pixel centres move by under half an output pixel."""
-    from imedsam.models.imedsam import enable_adaptive_decoding
+    from imedsam.models.imedsam import set_adaptive_decoding
 
     torch.manual_seed(0)
     config = ModelConfig(backbone="tiny_tinyvit_test", peft=PeftSettings(fa_gate_init=0.0),
@@ -77,7 +77,7 @@ def test_adaptive_decoding_with_the_sam_prior_keeps_the_prior_prediction(shape):
     seg.set_image(np.random.default_rng(1).integers(0, 255, (*shape, 3), dtype=np.uint8))
     size = (shape[0] * 8, shape[1] * 8)
     exact = seg.predict(box=(10, 12, 40, 40), size=size, uncertainty=True)
-    enable_adaptive_decoding(system)
+    set_adaptive_decoding(system)
     adaptive = seg.predict(box=(10, 12, 40, 40), size=size, uncertainty=True)
     assert adaptive.uncertainty.shape == size and adaptive.masks.shape == (1, *size)
     if shape[0] == shape[1]:

@@ -35,9 +35,9 @@ def run_evaluation(*, run: str | None, model: str | None, checkpoint: str | None
     amp = autocast_dtype(dev, precision)
     system = build_system("imedsam", adapter=run) if run else build_system(model, checkpoint=checkpoint)
     if adaptive:
-        from imedsam.models.imedsam import enable_adaptive_decoding
+        from imedsam.models.imedsam import set_adaptive_decoding
 
-        enable_adaptive_decoding(system)
+        set_adaptive_decoding(system)
     system.to(dev).eval()
     rows = evaluate_cases(system, cases, sizes=sizes, device=dev, amp_dtype=amp, seed=seed,
                           min_component=min_component)

@@ -60,13 +60,14 @@ def decoder_config(config: ModelConfig, transformer_dim: int) -> ImplicitDecoder
         topk_ratio=d.topk_ratio, chunk_size=d.chunk_size, adaptive=d.adaptive)
 
 
-def enable_adaptive_decoding(system: SegmentationSystem, argument: str = "--adaptive") -> None:
-    """Switch an I-MedSAM system's implicit decoder to adaptive grid decoding (inference; see
-    :class:`imedsam.decoders.implicit.ImplicitDecoderConfig`). Other systems raise a one-line error."""
+def set_adaptive_decoding(system: SegmentationSystem, enabled: bool = True, argument: str = "--adaptive") -> None:
+    """Switch an I-MedSAM system's implicit decoder to adaptive grid decoding or back to exact decoding
+    (inference; see :class:`imedsam.decoders.implicit.ImplicitDecoderConfig`). Other systems raise a one-line
+    error."""
     if not isinstance(system, IMedSAM):
         raise ImedsamError(f"{argument}: only the implicit decoder decodes adaptively; use --model imedsam "
                            "(or --run of a trained I-MedSAM)")
-    system.decoder.config.adaptive = True
+    system.decoder.config.adaptive = enabled
 
 
 class IMedSAM(SegmentationSystem):

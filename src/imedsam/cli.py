@@ -20,13 +20,6 @@ from imedsam.errors import ImedsamError  # noqa: E402
 log = logging.getLogger("imedsam")
 
 
-def _positive_size(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="litemedsam",
                    help="model name from `imedsam info` (default: litemedsam)")
@@ -41,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imedsam", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="verb", required=True)
+    from imedsam import cli_train
 
     p = sub.add_parser("segment", help="segment a 2D image (PNG/JPG/TIF/BMP/DICOM slice) from a box and/or points")
     p.add_argument("image", help="input image file")
@@ -50,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a point in pixel coordinates with label 1 (foreground) or 0 (background); repeatable")
     p.add_argument("--out", required=True, help="output mask PNG (0/255)")
     p.add_argument("--overlay", default=None, help="also write an overlay PNG of the mask on the image")
-    p.add_argument("--size", nargs=2, type=_positive_size, metavar=("H", "W"),
+    p.add_argument("--size", nargs=2, type=cli_train.int_at_least(1), metavar=("H", "W"),
                    help="output grid (default: the original image size)")
     p.add_argument("--uncertainty", default=None,
                    help="write the per-pixel uncertainty map here (PNG, plus .npy beside it); implicit decoders")
@@ -58,8 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="display window for CT/MR: soft_tissue | lung | bone | brain | CENTER,WIDTH")
     p.add_argument("--multimask", action="store_true", help="let SAM propose 3 masks and keep the best-scored")
     _add_model_args(p)
-    from imedsam import cli_train
-
     cli_train.add_decoding_args(p)
 
     p = sub.add_parser("info", help="models, weights found, device and versions")

@@ -12,16 +12,21 @@ from imedsam.errors import ImedsamError
 log = logging.getLogger("imedsam")
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text}")
-    return value
+def int_at_least(minimum: int):
+    """An argparse ``type`` for whole numbers >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {minimum}, got {text}")
+        return value
+
+    return parse
 
 
 def add_decoding_args(p: argparse.ArgumentParser) -> None:
     """Options on how a prediction is decoded and cleaned, shared by `segment` and `evaluate`."""
-    p.add_argument("--min-component", type=_non_negative_int, default=0, metavar="N",
+    p.add_argument("--min-component", type=int_at_least(0), default=0, metavar="N",
                    help="remove predicted components smaller than N output pixels (default 0: none)")
     p.add_argument("--adaptive", action="store_true",
                    help="implicit decoder: decode large output grids exactly only near the boundary (faster; "

@@ -13,6 +13,8 @@ from imedsam.sam.vit import (
     ImageEncoderViT,
     adapt_vit_state_dict,
     build_image_encoder_vit,
+    decomposed_rel_pos_bias,
+    get_rel_pos,
     window_partition,
     window_unpartition,
 )
@@ -117,6 +119,19 @@ def test_attention_matches_plain_formula() -> None:
     probs = (logits + bias.reshape(b, 2, h * w, h * w)).softmax(-1)
     expected = attn.proj((probs @ v).transpose(1, 2).reshape(b, h, w, c))
     torch.testing.assert_close(attn(x), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rel_pos_bias_gemm_is_the_broadcast_sum_exactly(dtype: torch.dtype) -> None:
+    """The 0/1 expansion GEMM adds exactly the two terms (bit-identical to the 6-D broadcast add, bf16 too)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 4 * 6, 8, generator=g).to(dtype)
+    rel_h, rel_w = torch.randn(7, 8, generator=g).to(dtype), torch.randn(11, 8, generator=g).to(dtype)
+    r_q = q.reshape(2, 3, 4, 6, 8)
+    bias_h = torch.einsum("...hwc,hkc->...hwk", r_q, get_rel_pos(4, 4, rel_h).to(dtype))
+    bias_w = torch.einsum("...hwc,wkc->...hwk", r_q, get_rel_pos(6, 6, rel_w).to(dtype))
+    expected = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(2, 3, 24, 24)
+    assert torch.equal(decomposed_rel_pos_bias(q, rel_h, rel_w, (4, 6), (4, 6)), expected)
 
 
 def test_adapt_state_dict_1024_to_256_loads_strictly() -> None:

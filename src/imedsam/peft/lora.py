@@ -162,7 +162,7 @@ class LoRAQKV(nn.Module):
         scale: torch.Tensor | float = self.gate_value(x) if self.gated else self.scaling
         for t in self.targets:
             delta = self.lora_B[t](self.lora_A[t](h)) * scale
-            out = out.index_add(-1, self.columns(t), delta.to(out.dtype))
+            out.index_add_(-1, self.columns(t), delta.to(out.dtype))  # in place: addmm does not save its output
         return out
 
     def extra_repr(self) -> str:

@@ -75,6 +75,32 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def cast_frozen_weights(module: torch.nn.Module, dtype: torch.dtype | None) -> int:
+    """Store the frozen ``nn.Linear``/``nn.Conv2d`` weights of ``module`` in the autocast ``dtype`` (inference).
+
+    Autocast re-casts fp32 weights on every call (its cast cache only keeps tensors that require grad), which
+    costs ViT-B about 80 ms per image in bf16 on 2 CPU cores. Storing the frozen base weights in the autocast
+    dtype once gives the same results (autocast would round them to that dtype anyway) without the copies.
+    Only modules whose parameters are ALL frozen are touched; trainable adapters stay fp32. Afterwards the
+    module must run under ``autocast(dtype)``: for inference objects (:class:`imedsam.Segmenter`, evaluation),
+    never for a model that is still trained. ``dtype=None`` (fp32) does nothing. Returns the number of
+    modules cast.
+    """
+    if dtype is None:
+        return 0
+    count = 0
+    for mod in module.modules():
+        if not isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
+            continue
+        params = list(mod.parameters(recurse=False))
+        if not params or any(p.requires_grad for p in params) or params[0].dtype == dtype:
+            continue
+        for p in params:
+            p.data = p.data.to(dtype)
+        count += 1
+    return count
+
+
 def enable_fast_allocation() -> None:
     """Ask PyTorch for transparent huge pages; effective only before torch is first imported."""
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")

@@ -21,7 +21,7 @@ from imedsam.infer.postprocess import remove_small_components
 from imedsam.infer.prepare import PreparedImage, check_box, check_points, prepare_image, to_input_coords
 from imedsam.io.sample import Sample
 from imedsam.models.base import Prompts, SegmentationSystem
-from imedsam.runtime import autocast, autocast_dtype, resolve_device
+from imedsam.runtime import autocast, autocast_dtype, cast_frozen_weights, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,8 @@ class Segmenter:
         adapter: trained adapter weights (``adapter.safetensors`` of a run, or its folder) for adapted systems.
         device: ``auto``, ``cpu``, ``cuda`` or ``mps``.
         precision: ``auto`` (bf16 autocast on CPUs with native bf16 and on CUDA), ``fp32``, ``bf16``, ``fp16``.
+            A model built here from its name is frozen and keeps its Linear/Conv weights in that dtype
+            (:func:`imedsam.runtime.cast_frozen_weights`); a system passed in is left as it is.
         seed: seed of the Monte-Carlo dropout passes (uncertainty), so that repeated calls agree.
     """
 
@@ -61,12 +63,15 @@ class Segmenter:
                  adapter: str | None = None, device: str = "auto", precision: str = "auto", seed: int = 0,
                  **model_options) -> None:
         self.device = resolve_device(device)
-        if isinstance(model, str):
+        owned = isinstance(model, str)
+        if owned:
             from imedsam.models.registry import build_system
 
             model = build_system(model, checkpoint=checkpoint, adapter=adapter, **model_options)
         self.system = model.to(self.device).eval()
         self.amp_dtype = autocast_dtype(self.device, precision)
+        if owned:  # a system built here is only used for inference: keep its weights in the amp dtype
+            cast_frozen_weights(self.system.requires_grad_(False), self.amp_dtype)
         self.seed = seed
         self._prepared: PreparedImage | None = None
         self._embedding: torch.Tensor | None = None

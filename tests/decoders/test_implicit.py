@@ -13,6 +13,8 @@ from imedsam.decoders.implicit import (
     ImplicitOutput,
     _FastGeometry,
     _folded_layers,
+    _linear,
+    mc_variance,
     sample_training_points,
     select_topk,
 )
@@ -138,7 +140,7 @@ def test_fast_path_corner_aligned_reference_encoding():
 
 @pytest.mark.parametrize("grid", [True, False])
 def test_projected_first_layer_equals_naive_concat(grid):
-    """Interpolating W1_U U and W1_PE PE (projected at low resolution) == W1 [U(p) || PE(p) || gamma(p)]."""
+    """Interpolated W1_PE PE (projected at low resolution) + W1_U U(p) + encoding == W1 [U(p) || PE(p) || gamma(p)]."""
     model = make()
     feats, pe = inputs(b=1)
     size = (13, 19)
@@ -149,14 +151,36 @@ def test_projected_first_layer_equals_naive_concat(grid):
     w1, b1, _ = layers[0]
     naive = z @ w1.t() + b1
     cf, cp = model.config.feature_dim, model.config.prompt_dim
-    tabs = None
-    if grid:
-        tabs = (model._separable_tables(*size, w1[:, cf + cp :], b1, feats.device),) * 2
-    table, _ = model._first_layer_tables(feats[0], pe[0], (w1[:, :cf], w1[:, cf : cf + cp]),
-                                         (w1[:, :cf], w1[:, cf : cf + cp]), tabs)
-    geo = _FastGeometry(size if grid else None, (10, 12), (3, 4), 120, 12, grid)
-    fast = model._first_layer_fast(table, pts, idx, geo, w1[:, cf + cp :], b1)
+    tabs = model._separable_tables(*size, w1[:, cf + cp :], b1, feats.device) if grid else None
+    layer = model._first_layer(pe[0], w1[:, :cf], w1[:, cf : cf + cp], w1[:, cf + cp :], b1, tabs)
+    u_flat = feats[0].reshape(cf, -1).t()
+    geo = _FastGeometry(size if grid else None, tuple(feats.shape[-2:]), tuple(pe.shape[-2:]),
+                        pe.shape[-2] * pe.shape[-1], grid)
+    fast = model._first_layer_fast(layer, u_flat, pts, idx, geo)
     torch.testing.assert_close(fast, naive, atol=1e-5, rtol=1e-5)
+
+
+def test_mc_variance_is_the_population_variance_and_exactly_zero_when_passes_agree():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, 3, 8, generator=g) * 4
+    torch.testing.assert_close(mc_variance(logits), torch.sigmoid(logits).var(-1, unbiased=False),
+                               atol=1e-6, rtol=0)
+    same = torch.full((5, 1, 8), 0.3)  # e.g. dropout p = 0: every pass gives the same logit
+    assert torch.equal(mc_variance(same), torch.zeros(5, 1))
+    assert (mc_variance(logits) >= 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("relu", [True, False])
+def test_fused_linear_equals_addmm(dtype, relu):
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(33, 20, generator=g), torch.randn(7, 20, generator=g), torch.randn(7, generator=g)
+    out = _linear(x.to(dtype), w, b, relu)  # weights in fp32 are cast to x's dtype, as in the decoder
+    expected = torch.addmm(b.to(dtype), x.to(dtype), w.to(dtype).t())
+    expected = expected.relu() if relu else expected
+    assert out.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), expected.float(), atol=tol, rtol=tol)
 
 
 def test_batchnorm_folding_matches_modules():

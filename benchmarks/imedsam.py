@@ -2,7 +2,8 @@
 
 Figures (each in its own subprocess, peak RSS is the process's):
 * ``infer``: one image end to end (encoder + prompt + implicit decoder) at an output grid, paper mode; grids up
-  to 1024^2: median of 3 runs after a warm-up run, larger grids: one run;
+  to 1024^2: median of 5 runs after a warm-up run, larger grids: one run; frozen weights are stored in the
+  autocast dtype once, as :class:`imedsam.Segmenter` and ``imedsam evaluate`` do;
 * ``train_step``: one optimizer step, batch 1, ``points`` sampled query points per image;
 * ``decode_only``: the implicit decoder alone at large grids (2048^2, 4096^2) with bounded memory;
 * ``trained_decode``: a TRAINED I-MedSAM on LiteMedSAM (``--run``, default ``runs/sessile``, made by
@@ -58,12 +59,13 @@ def trained_decode(case: dict, run: Path, result: dict, amp) -> dict:
     from imedsam.models.base import Prompts
     from imedsam.models.imedsam import set_adaptive_decoding
     from imedsam.models.registry import build_system
-    from imedsam.runtime import autocast
+    from imedsam.runtime import autocast, cast_frozen_weights
     from imedsam.train.api import dataset_cases
 
     if not run.is_dir() or not SESSILE.is_dir():
         return {**result, "skipped": f"needs the run {run} (python benchmarks/sessile.py) and {SESSILE}"}
     system = build_system("imedsam", adapter=run).eval()  # the run's best.safetensors
+    cast_frozen_weights(system.requires_grad_(False), amp)  # as Segmenter and `imedsam evaluate` do
     item = dataset_cases(SegmentationDataset(discover(SESSILE), split="test"), limit=1)[0]
     grid = (case["grid"], case["grid"])
     masks, seconds = {}, {}
@@ -96,7 +98,7 @@ def run_case(name: str, threads: int, precision: str, run: Path | None = None) -
     from imedsam.models.base import Prompts
     from imedsam.models.config import ModelConfig
     from imedsam.models.imedsam import build_imedsam
-    from imedsam.runtime import autocast, autocast_dtype, cpu_has_fast_bf16
+    from imedsam.runtime import autocast, autocast_dtype, cast_frozen_weights, cpu_has_fast_bf16
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -113,9 +115,10 @@ def run_case(name: str, threads: int, precision: str, run: Path | None = None) -
     result = {**head, "weights": "random"}
     if case["kind"] == "infer":
         system.eval()
+        cast_frozen_weights(system.requires_grad_(False), amp)  # as Segmenter and `imedsam evaluate` do
         image = np.random.default_rng(0).integers(0, 255, (case["img"], case["img"], 3), dtype=np.uint8)
         times = []
-        repeats = 1 if case["grid"] > 1024 else 4  # small grids: the first (warm-up) run is not counted
+        repeats = 1 if case["grid"] > 1024 else 6  # small grids: the first (warm-up) run is not counted
         for _ in range(repeats):
             start = time.perf_counter()
             with torch.inference_mode(), autocast(cpu, amp):

@@ -271,7 +271,8 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, relu: boo
     and ReLU passes over a freshly allocated (n, out) buffer (about 10-30 % of the decoder's trunk time).
     """
     weight, bias = weight.to(x.dtype).contiguous(), bias.to(x.dtype)
-    if _FUSED_LINEAR and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+    fused = _FUSED_LINEAR and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+    if fused and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):  # exporters know aten ops only
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu" if relu else "none", [], "")
     out = torch.addmm(bias, x, weight.t())
     return out.relu_() if relu else out

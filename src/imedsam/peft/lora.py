@@ -104,6 +104,9 @@ class LoRAQKV(nn.Module):
 
         columns = _target_columns(base.out_features, num_heads, key_dim, value_dim)
         self.layout = "contiguous" if num_heads is None else "interleaved"
+        # contiguous layout: each target owns one column range, updated through a slice view (no index)
+        self._slices = ({t: slice(int(c[0]), int(c[-1]) + 1) for t, c in columns.items()}
+                        if self.layout == "contiguous" else {})
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
@@ -162,7 +165,11 @@ class LoRAQKV(nn.Module):
         scale: torch.Tensor | float = self.gate_value(x) if self.gated else self.scaling
         for t in self.targets:
             delta = self.lora_B[t](self.lora_A[t](h)) * scale
-            out.index_add_(-1, self.columns(t), delta.to(out.dtype))  # in place: addmm does not save its output
+            # in place (the base Linear does not save its output for backward)
+            if t in self._slices:
+                out[..., self._slices[t]] += delta.to(out.dtype)
+            else:
+                out.index_add_(-1, self.columns(t), delta.to(out.dtype))
         return out
 
     def extra_repr(self) -> str:

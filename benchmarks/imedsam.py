@@ -15,6 +15,9 @@ Figures (each in its own subprocess, peak RSS is the process's):
     python benchmarks/imedsam.py --cases vitb_infer  # one figure
     python benchmarks/imedsam.py --precisions fp32   # fp32 only (default: fp32 and, on CPUs with native bf16,
                                                      # bf16 autocast, side by side)
+    python benchmarks/imedsam.py --against 8296193 --cases vitb_infer --precisions bf16 --rounds 3
+        # this working tree vs a git revision (its own benchmark script, in a temporary worktree), run
+        # alternately round by round: on a noisy VM only interleaved runs compare two versions fairly
 
 Reference I-MedSAM code on this machine (from the project brief, same setting ViT-B 384^2 in and out): 9.5 s per
 image, 20 s and 6.3 GB per training step, 72 s and 12 GB to decode 1024^2, out of memory (> 21 GB) at 2048^2.
@@ -171,6 +174,9 @@ def main() -> None:
                         help="trained run for the trained_decode cases (default: runs/sessile)")
     parser.add_argument("--precisions", default=None,
                         help="comma-separated fp32,bf16 (default: fp32, plus bf16 when the CPU has native bf16)")
+    parser.add_argument("--against", default=None, metavar="REV",
+                        help="also run git revision REV's benchmark, alternating with this tree (see above)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the --against comparison (default 3)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -179,11 +185,43 @@ def main() -> None:
     from imedsam.runtime import cpu_has_fast_bf16
 
     precisions = args.precisions or ("fp32,bf16" if cpu_has_fast_bf16() else "fp32")
+    if args.against:
+        compare_revisions(args, precisions.split(","))
+        return
     env = dict(os.environ, THP_MEM_ALLOC_ENABLE="1")
     for name in args.cases.split(","):
         for precision in precisions.split(","):  # side by side
             subprocess.run([sys.executable, __file__, "--one", name, "--threads", str(args.threads),
                             "--precisions", precision, "--run", args.run], env=env, check=False)
+
+
+def compare_revisions(args: argparse.Namespace, precisions: list[str]) -> None:
+    """This working tree vs git revision ``args.against``, alternating round by round (JSON lines tagged with
+    ``revision``). The revision runs its own benchmark script from a temporary worktree with its own sources."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="imedsam-against-") as tmp:
+        other = Path(tmp) / "tree"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(other), args.against],
+                       check=True)
+        try:
+            trees = {"working tree": ROOT, args.against: other}
+            for round_index in range(args.rounds):
+                for name in args.cases.split(","):
+                    for precision in precisions:
+                        for label, tree in trees.items():
+                            env = dict(os.environ, THP_MEM_ALLOC_ENABLE="1", PYTHONPATH=str(tree / "src"))
+                            proc = subprocess.run(
+                                [sys.executable, str(tree / "benchmarks" / "imedsam.py"), "--one", name,
+                                 "--threads", str(args.threads), "--precisions", precision, "--run", args.run],
+                                env=env, capture_output=True, text=True, check=False)
+                            lines = proc.stdout.strip().splitlines()
+                            record = (json.loads(lines[-1]) if proc.returncode == 0 and lines
+                                      else {"case": name, "precision": precision,
+                                            "error": (proc.stderr.strip().splitlines() or ["no output"])[-1]})
+                            print(json.dumps({"revision": label, "round": round_index, **record}), flush=True)
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(other)], check=False)
 
 
 if __name__ == "__main__":

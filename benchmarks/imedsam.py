@@ -62,13 +62,13 @@ def trained_decode(case: dict, run: Path, result: dict, amp) -> dict:
     from imedsam.models.base import Prompts
     from imedsam.models.imedsam import set_adaptive_decoding
     from imedsam.models.registry import build_system
-    from imedsam.runtime import autocast, cast_frozen_weights
+    from imedsam.runtime import autocast, prepare_for_inference
     from imedsam.train.api import dataset_cases
 
     if not run.is_dir() or not SESSILE.is_dir():
         return {**result, "skipped": f"needs the run {run} (python benchmarks/sessile.py) and {SESSILE}"}
-    system = build_system("imedsam", adapter=run).eval()  # the run's best.safetensors
-    cast_frozen_weights(system.requires_grad_(False), amp)  # as Segmenter and `imedsam evaluate` do
+    # the run's best.safetensors, prepared as Segmenter and `imedsam evaluate` do
+    system = prepare_for_inference(build_system("imedsam", adapter=run), torch.device("cpu"), amp)
     item = dataset_cases(SegmentationDataset(discover(SESSILE), split="test"), limit=1)[0]
     grid = (case["grid"], case["grid"])
     masks, seconds = {}, {}
@@ -101,7 +101,7 @@ def run_case(name: str, threads: int, precision: str, run: Path | None = None) -
     from imedsam.models.base import Prompts
     from imedsam.models.config import ModelConfig
     from imedsam.models.imedsam import build_imedsam
-    from imedsam.runtime import autocast, autocast_dtype, cast_frozen_weights, cpu_has_fast_bf16
+    from imedsam.runtime import autocast, autocast_dtype, cpu_has_fast_bf16, prepare_for_inference
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -117,8 +117,7 @@ def run_case(name: str, threads: int, precision: str, run: Path | None = None) -
     system = build_imedsam(config=ModelConfig(backbone=case["backbone"], img_size=case["img"]), pretrained=False)
     result = {**head, "weights": "random"}
     if case["kind"] == "infer":
-        system.eval()
-        cast_frozen_weights(system.requires_grad_(False), amp)  # as Segmenter and `imedsam evaluate` do
+        prepare_for_inference(system, cpu, amp)  # as Segmenter and `imedsam evaluate` do
         image = np.random.default_rng(0).integers(0, 255, (case["img"], case["img"], 3), dtype=np.uint8)
         times = []
         repeats = 1 if case["grid"] > 1024 else 6  # small grids: the first (warm-up) run is not counted

@@ -101,6 +101,15 @@ def cast_frozen_weights(module: torch.nn.Module, dtype: torch.dtype | None) -> i
     return count
 
 
+def prepare_for_inference(module: torch.nn.Module, device: torch.device,
+                          dtype: torch.dtype | None) -> torch.nn.Module:
+    """``module`` in eval mode on ``device``, frozen, with its Linear/Conv weights stored in the autocast ``dtype``
+    (:func:`cast_frozen_weights`): for a model built only to predict (``Segmenter``, ``imedsam evaluate``)."""
+    module = module.to(device).eval().requires_grad_(False)
+    cast_frozen_weights(module, dtype)
+    return module
+
+
 def enable_fast_allocation() -> None:
     """Ask PyTorch for transparent huge pages; effective only before torch is first imported."""
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")

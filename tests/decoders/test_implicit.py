@@ -175,7 +175,7 @@ def test_mc_variance_is_the_population_variance_and_exactly_zero_when_passes_agr
 def test_fused_linear_equals_addmm(dtype, relu):
     g = torch.Generator().manual_seed(0)
     x, w, b = torch.randn(33, 20, generator=g), torch.randn(7, 20, generator=g), torch.randn(7, generator=g)
-    out = _linear(x.to(dtype), w, b, relu)  # weights in fp32 are cast to x's dtype, as in the decoder
+    out = _linear(x.to(dtype), w.to(dtype), b.to(dtype), relu)  # weights in x's dtype, as the decoder casts them
     expected = torch.addmm(b.to(dtype), x.to(dtype), w.to(dtype).t())
     expected = expected.relu() if relu else expected
     assert out.dtype == dtype

@@ -243,13 +243,14 @@ class _FirstLayer(NamedTuple):
     """One image's first Linear of the coarse or the fine MLP (BN folded), split by input part.
 
     ``table`` (h'*w' [+ H + W], D): ``W_PE PE`` at each PE pixel [+ the encoding row and column tables of a
-    grid, bias included]; ``w_u`` (D, Cf): weights of the U part; ``w_g`` (D, G) and ``bias`` (D,): the
-    encoding part and bias for point queries (grids read them from the table). Stored in the compute dtype.
+    grid, bias included]; ``w_u`` (D, Cf): weights of the U part; ``w_ug`` (D, Cf + G) and ``bias`` (D,): the
+    U and encoding parts and the bias for point queries (grids read the encoding and bias from the table).
+    Stored in the compute dtype.
     """
 
     table: torch.Tensor
     w_u: torch.Tensor
-    w_g: torch.Tensor
+    w_ug: torch.Tensor
     bias: torch.Tensor
 
 
@@ -265,12 +266,11 @@ _FUSED_LINEAR = _fused_linear_available()
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, relu: bool) -> torch.Tensor:
-    """``x @ weight.T + bias`` (then ReLU) for (n, in) points, in x's dtype.
+    """``x @ weight.T + bias`` (then ReLU) for (n, in) points; ``weight`` (contiguous) and ``bias`` in x's dtype.
 
     On CPU (fp32/bf16) this runs oneDNN's fused kernel: the output is written once instead of bias copy, GEMM
     and ReLU passes over a freshly allocated (n, out) buffer (about 10-30 % of the decoder's trunk time).
     """
-    weight, bias = weight.to(x.dtype).contiguous(), bias.to(x.dtype)
     fused = _FUSED_LINEAR and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
     if fused and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):  # exporters know aten ops only
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu" if relu else "none", [], "")
@@ -278,8 +278,14 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, relu: boo
     return out.relu_() if relu else out
 
 
+def _cast_layers(layers: list[tuple[torch.Tensor, torch.Tensor, bool]],
+                 dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor, bool]]:
+    """Folded (weight, bias, relu) layers with contiguous weights and biases in ``dtype``."""
+    return [(w.to(dtype).contiguous(), b.to(dtype), relu) for w, b, relu in layers]
+
+
 def _run_layers(x: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor, bool]]) -> torch.Tensor:
-    """Apply folded (weight, bias, relu) layers to (n, in) points, in x's dtype."""
+    """Apply folded (weight, bias, relu) layers (already in x's dtype, see :func:`_cast_layers`) to (n, in)."""
     for w, bias, relu in layers:
         x = _linear(x, w, bias, relu)
     return x
@@ -575,6 +581,11 @@ class ImplicitDecoder(nn.Module):
         heads_w = torch.stack([h.weight.detach().float() for h in self.coarse_heads])  # (C, 1+F, D)
         heads_b = torch.stack([h.bias.detach().float() for h in self.coarse_heads])  # (C, 1+F)
         fine_head_layers = [_folded_layers(h) for h in self.fine_heads]
+        # Everything after the first layers runs in the compute dtype: cast those weights once, not per chunk.
+        dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else torch.float32
+        trunk_layers = _cast_layers(coarse_layers[1:], dtype)
+        fine_rest = [_cast_layers(fine_layers[1:] + head, dtype) for head in fine_head_layers]
+        wf_c_t = wf_c.t().to(dtype)
 
         # Row/column tables of the encoding part for grids; bias folded into the row table.
         grid_tables = size is not None and getattr(self.encoding, "separable", False)
@@ -587,6 +598,7 @@ class ImplicitDecoder(nn.Module):
 
         # Logit weights for the deterministic pass + T MC passes (paper mode), per image.
         w_logit, b_logit = heads_w[:, 0], heads_b[:, 0]  # (C, D), (C,)
+        w_feat, b_feat = heads_w[:, 1:].to(dtype).contiguous(), heads_b[:, 1:].to(dtype)  # coarse features
         refine = self.refinement_enabled
         t_mc = cfg.mc_samples
 
@@ -602,15 +614,16 @@ class ImplicitDecoder(nn.Module):
         # Images are independent (top-k is per image): pass 1, selection and pass 2 run image by image.
         for bi in range(b):
             pe_b = prompt_pe[bi if prompt_pe.shape[0] > 1 else 0]
-            first_c = self._first_layer(pe_b, w1_u, w1_p, w1_g, b1, tab_c)
-            first_f = self._first_layer(pe_b, wf_u, wf_p, wf_g, bf, tab_f)
-            u_flat = features[bi].reshape(cf, -1).t().to(first_c.table.dtype)  # (h*w, Cf)
+            first_c = self._first_layer(pe_b, w1_u, w1_p, w1_g, b1, tab_c, dtype)
+            first_f = self._first_layer(pe_b, wf_u, wf_p, wf_g, bf, tab_f, dtype)
+            u_flat = features[bi].reshape(cf, -1).t().to(dtype)  # (h*w, Cf)
             if masks is not None:
                 w_mc = (masks[bi][:, None, :] * w_logit[None]).transpose(0, 1).reshape(c_cls * t_mc, -1)
                 w_all = torch.cat((w_logit, w_mc))
                 b_all = torch.cat((b_logit, b_logit.repeat_interleave(t_mc)))
             else:
                 w_all, b_all = w_logit, b_logit
+            w_all, b_all = w_all.to(dtype).contiguous(), b_all.to(dtype)
 
             def pass1(points: torch.Tensor) -> torch.Tensor | None:
                 """Coarse logits (+ MC logits -> uncertainty, fp32) at flat ``points``, chunked; returns the
@@ -619,7 +632,7 @@ class ImplicitDecoder(nn.Module):
                 for start in range(0, points.numel(), chunk):
                     idx = points[start : start + chunk]
                     pts = self._points(size, coords, bi, idx)
-                    trunk = self._trunk_fast(first_c, u_flat, pts, idx, geo, coarse_layers)
+                    trunk = self._trunk_fast(first_c, u_flat, pts, idx, geo, trunk_layers)
                     out = _linear(trunk, w_all, b_all, relu=False).float()
                     coarse[bi, :, idx] = out[:, :c_cls].t()
                     if uncertainty is not None and masks is not None:
@@ -651,16 +664,16 @@ class ImplicitDecoder(nn.Module):
                 if cache is not None:
                     trunk = cache[idx]
                 else:
-                    trunk = self._trunk_fast(first_c, u_flat, pts, idx, geo, coarse_layers)
+                    trunk = self._trunk_fast(first_c, u_flat, pts, idx, geo, trunk_layers)
                 pre_f = self._first_layer_fast(first_f, u_flat, pts, idx, geo)
                 for c in range(c_cls):
                     rows = sel_b[c, idx]
                     if not bool(rows.any()):
                         continue
                     # the coarse-feature columns of the head, at the selected points only
-                    feat = _linear(trunk[rows], heads_w[c, 1:], heads_b[c, 1:], relu=False)
-                    x = torch.addmm(pre_f[rows], feat, wf_c.t().to(pre_f.dtype)).relu_()
-                    x = _run_layers(x, fine_layers[1:] + fine_head_layers[c])
+                    feat = _linear(trunk[rows], w_feat[c], b_feat[c], relu=False)
+                    x = torch.addmm(pre_f[rows], feat, wf_c_t).relu_()
+                    x = _run_layers(x, fine_rest[c])
                     fine[bi, c, idx[rows]] = x[:, 0].float()
         return ImplicitOutput(coarse, fine, uncertainty, selected)
 
@@ -735,17 +748,16 @@ class ImplicitDecoder(nn.Module):
         w_g: torch.Tensor,
         bias: torch.Tensor,
         grid: tuple[torch.Tensor, torch.Tensor] | None,
+        dtype: torch.dtype = torch.float32,
     ) -> _FirstLayer:
         """A first layer's :class:`_FirstLayer` for one image (``pe`` (Cp, h', w')), its table computed in fp32
-        and stored, like the weights, in the autocast dtype when autocast is on."""
-        dev = pe.device
-        with torch.autocast(dev.type, enabled=False):
+        and stored, like the weights, in the compute ``dtype``."""
+        with torch.autocast(pe.device.type, enabled=False):
             parts = [pe.float().reshape(pe.shape[0], -1).t() @ w_p.t()]
             if grid is not None:
                 parts += [grid[0], grid[1]]
             table = torch.cat(parts)
-        dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else torch.float32
-        return _FirstLayer(table.to(dtype), w_u.to(dtype), w_g.to(dtype), bias.to(dtype))
+        return _FirstLayer(table.to(dtype), w_u.to(dtype), torch.cat((w_u, w_g), 1).to(dtype), bias.to(dtype))
 
     def _separable_tables(
         self, hh: int, ww: int, w_g: torch.Tensor, bias: torch.Tensor, dev: torch.device
@@ -806,12 +818,12 @@ class ImplicitDecoder(nn.Module):
         if grid_tables:  # in place: no copy of the (n, D) buffer
             return pre.addmm_(u, layer.w_u.t())
         gam = self.encoding(self._encoding_coords(size, pts, idx)).to(pre.dtype)
-        return pre.add_(layer.bias).addmm_(torch.cat((u, gam), dim=1), torch.cat((layer.w_u, layer.w_g), 1).t())
+        return pre.add_(layer.bias).addmm_(torch.cat((u, gam), dim=1), layer.w_ug.t())
 
     def _trunk_fast(self, layer: _FirstLayer, u_flat: torch.Tensor, pts: torch.Tensor, idx: torch.Tensor,
                     geo: _FastGeometry, layers: list[tuple[torch.Tensor, torch.Tensor, bool]]) -> torch.Tensor:
-        """Coarse trunk output at points: the fast first layer, then the remaining folded layers."""
-        return _run_layers(self._first_layer_fast(layer, u_flat, pts, idx, geo).relu_(), layers[1:])
+        """Coarse trunk output at points: the fast first layer, then ``layers`` (the other folded layers)."""
+        return _run_layers(self._first_layer_fast(layer, u_flat, pts, idx, geo).relu_(), layers)
 
 
 def sample_training_points(

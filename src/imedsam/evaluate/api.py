@@ -24,7 +24,7 @@ def run_evaluation(*, run: str | None, model: str | None, checkpoint: str | None
     from imedsam.evaluate.report import select_cases, write_report
     from imedsam.io.images import resize_rgb
     from imedsam.models.registry import build_system
-    from imedsam.runtime import autocast_dtype, cast_frozen_weights, resolve_device
+    from imedsam.runtime import autocast_dtype, prepare_for_inference, resolve_device
     from imedsam.train.api import dataset_cases
 
     index = discover(data)
@@ -38,8 +38,7 @@ def run_evaluation(*, run: str | None, model: str | None, checkpoint: str | None
         from imedsam.models.imedsam import set_adaptive_decoding
 
         set_adaptive_decoding(system)
-    system.to(dev).eval()
-    cast_frozen_weights(system.requires_grad_(False), amp)  # built for inference only: no per-call casts
+    prepare_for_inference(system, dev, amp)  # built here for inference only
     rows = evaluate_cases(system, cases, sizes=sizes, device=dev, amp_dtype=amp, seed=seed,
                           min_component=min_component)
     if not rows:

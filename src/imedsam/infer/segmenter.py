@@ -21,7 +21,7 @@ from imedsam.infer.postprocess import remove_small_components
 from imedsam.infer.prepare import PreparedImage, check_box, check_points, prepare_image, to_input_coords
 from imedsam.io.sample import Sample
 from imedsam.models.base import Prompts, SegmentationSystem
-from imedsam.runtime import autocast, autocast_dtype, cast_frozen_weights, resolve_device
+from imedsam.runtime import autocast, autocast_dtype, prepare_for_inference, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class Segmenter:
         device: ``auto``, ``cpu``, ``cuda`` or ``mps``.
         precision: ``auto`` (bf16 autocast on CPUs with native bf16 and on CUDA), ``fp32``, ``bf16``, ``fp16``.
             A model built here from its name is frozen and keeps its Linear/Conv weights in that dtype
-            (:func:`imedsam.runtime.cast_frozen_weights`); a system passed in is left as it is.
+            (:func:`imedsam.runtime.prepare_for_inference`); a system passed in is left as it is.
         seed: seed of the Monte-Carlo dropout passes (uncertainty), so that repeated calls agree.
     """
 
@@ -68,10 +68,10 @@ class Segmenter:
             from imedsam.models.registry import build_system
 
             model = build_system(model, checkpoint=checkpoint, adapter=adapter, **model_options)
-        self.system = model.to(self.device).eval()
         self.amp_dtype = autocast_dtype(self.device, precision)
-        if owned:  # a system built here is only used for inference: keep its weights in the amp dtype
-            cast_frozen_weights(self.system.requires_grad_(False), self.amp_dtype)
+        # a system built here is only used for inference; one passed in may still be trained elsewhere
+        self.system = (prepare_for_inference(model, self.device, self.amp_dtype) if owned
+                       else model.to(self.device).eval())
         self.seed = seed
         self._prepared: PreparedImage | None = None
         self._embedding: torch.Tensor | None = None

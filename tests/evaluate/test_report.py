@@ -142,3 +142,19 @@ def test_overlay_png_and_errors(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ImedsamError, match="is a file"):
         write_report(tmp_path / "file", [{"case": "a", "dice": 1.0}], config={}, conventions={})
+
+
+def test_report_groups_scores_by_a_column(tmp_path):
+    rows = [{"case": "a", "dice": 0.9, "gt_components": 1}, {"case": "b", "dice": 0.7, "gt_components": 1},
+            {"case": "c", "dice": 0.2, "gt_components": 2}, {"case": "d", "dice": 0.4, "gt_components": 10}]
+    paths = write_report(tmp_path, rows, config={}, conventions=conventions(), group_by="gt_components")
+    groups = json.loads(paths["json"].read_text())["groups"]
+    assert groups["by"] == "gt_components"
+    assert list(groups["values"]) == ["1", "2", "10"]  # numeric order, not string order
+    assert groups["values"]["1"]["dice"]["mean"] == pytest.approx(0.8)
+    assert groups["values"]["1"]["dice"]["n"] == 2 and groups["values"]["2"]["dice"]["mean"] == pytest.approx(0.2)
+    parser = _Collector()
+    parser.feed(paths["html"].read_text())
+    assert "dice by gt_components" in parser.text
+    without = write_report(tmp_path / "plain", rows, config={}, conventions=conventions())
+    assert json.loads(without["json"].read_text())["groups"] is None

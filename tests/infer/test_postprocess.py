@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from imedsam.errors import ImedsamError
-from imedsam.infer.postprocess import remove_small_components
+from imedsam.infer.postprocess import count_components, remove_small_components
 
 
 def scene() -> np.ndarray:
@@ -37,3 +37,13 @@ def test_zero_and_one_keep_everything_and_stacks_are_per_mask():
 def test_bad_size_is_a_user_error():
     with pytest.raises(ImedsamError, match="--min-component"):
         remove_small_components(scene(), -1)
+
+
+def test_count_components_with_a_size_fraction():
+    m = scene()  # components of 81, 3 and 4 px
+    assert count_components(m) == 3
+    assert count_components(m, 0.04) == 2  # 4 px is 4.5 % of 88: kept; 3 px (3.4 %) is not
+    assert count_components(m, 0.05) == 1
+    assert count_components(np.zeros((5, 5), bool), 0.05) == 0
+    with pytest.raises(ImedsamError, match="count_components"):
+        count_components(np.stack([m, m]))

@@ -119,6 +119,9 @@ def test_cli_train_then_evaluate_writes_a_report(disc_dataset, tmp_path, capsys)
     summary = json.loads((report / "summary.json").read_text())
     assert (report / "cases.csv").exists() and (report / "report.html").stat().st_size > 1000
     assert summary["config"]["min_component"] == 0
+    rows = list(csv.DictReader(open(report / "cases.csv")))
+    assert {row["gt_components"] for row in rows} == {"1"}  # every ground truth here is one disc
+    assert summary["groups"]["by"] == "gt_components" and list(summary["groups"]["values"]) == ["1"]
     filtered = tmp_path / "report_filtered"
     assert main(["evaluate", "--run", str(run), "--data", str(disc_dataset), "--out", str(filtered),
                  "--min-component", "1000000", "--device", "cpu"]) == 0

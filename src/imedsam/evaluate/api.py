@@ -66,7 +66,8 @@ def run_evaluation(*, run: str | None, model: str | None, checkpoint: str | None
               "seed": seed, "prompt": "tight box of the ground-truth mask at the original resolution",
               "protocol": " ".join(protocol_text.split())}
     paths = write_report(out, rows, config=config, conventions=conventions(), overlays=overlays,
-                         sweep=sweep_means, title=f"imedsam evaluation: {run or model} on {Path(data).name}/{split}")
+                         sweep=sweep_means, title=f"imedsam evaluation: {run or model} on {Path(data).name}/{split}",
+                         group_by="gt_components")
     summary = summarize(main_rows)
     return {"report": str(Path(paths["html"]).resolve()), "cases": len(main_rows),
             "dice": summary["dice"]["mean"], "hd95": summary["hd95"]["mean"], "sweep": sweep_means}

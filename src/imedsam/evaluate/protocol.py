@@ -6,7 +6,10 @@ DIRECTLY on the requested grid (the implicit decoder evaluates that grid; discre
 logits once) and thresholded at logit 0; the ground truth is resized to that grid with nearest-neighbour
 interpolation (or read at the grid's resolution from ``--gt-dir``); with ``--min-component N`` the predicted
 components smaller than N pixels (8-connected, at the output grid) are removed first; metrics follow
-:func:`imedsam.evaluate.metrics.binary_metrics`, with spacing scaled to the grid.
+:func:`imedsam.evaluate.metrics.binary_metrics`, with spacing scaled to the grid. Every row also records
+``gt_components``, the number of 8-connected components of the ground truth (original resolution) holding at
+least 5 % of its foreground: a box around several separate objects is ambiguous for a single-mask prompt, and
+reports break the scores down by this count.
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from imedsam.data.prompts import box_from_mask
-from imedsam.infer.postprocess import remove_small_components
+from imedsam.infer.postprocess import count_components, remove_small_components
 from imedsam.infer.prepare import prepare_image, to_input_coords
 from imedsam.models.base import Prompts
 from imedsam.runtime import autocast
 
 log = logging.getLogger(__name__)
+
+GT_COMPONENT_FRACTION = 0.05  # ground-truth components under 5 % of the object are not counted (specks)
 
 
 @dataclass
@@ -81,6 +86,7 @@ def evaluate_cases(system, cases, *, sizes: list[tuple[int, int] | None], device
         grids = [tuple(size) if size is not None else tuple(case.gt.shape) for size in sizes]
         preds = predict_case(system, case, size=grids, device=device, amp_dtype=amp_dtype, seed=seed,
                              min_component=min_component)
+        n_components = count_components(case.gt, GT_COMPONENT_FRACTION)
         for grid, pred in zip(grids, preds):
             gt = resize_nearest(case.gt, grid)
             spacing = None
@@ -88,5 +94,6 @@ def evaluate_cases(system, cases, *, sizes: list[tuple[int, int] | None], device
                 spacing = (case.spacing[0] * case.gt.shape[0] / grid[0], case.spacing[1] * case.gt.shape[1] / grid[1])
             metrics = binary_metrics(pred, gt, spacing=spacing)
             rows.append({"case": case.case_id, "grid": f"{grid[0]}x{grid[1]}", "height": grid[0], "width": grid[1],
-                         **{k: (float(v) if v is not None else None) for k, v in metrics.items()}})
+                         **{k: (float(v) if v is not None else None) for k, v in metrics.items()},
+                         "gt_components": n_components})
     return rows

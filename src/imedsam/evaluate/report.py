@@ -255,7 +255,7 @@ figure{margin:0}figcaption{font-size:0.85em;text-align:center}pre{background:#f7
 def write_report(out_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]], *, config: Mapping[str, Any],
                  conventions: Mapping[str, Any], overlays: Mapping[str, Overlay] | None = None,
                  sweep: Mapping[int, float] | None = None, title: str = "imedsam evaluation report",
-                 id_key: str = "case", key: str = "dice") -> dict[str, Path]:
+                 id_key: str = "case", key: str = "dice", group_by: str | None = None) -> dict[str, Path]:
     """Write ``cases.csv``, ``summary.json`` and ``report.html`` into ``out_dir`` (created; atomic writes).
 
     Args:
@@ -271,6 +271,8 @@ def write_report(out_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]], 
         sweep: ``{output size: mean Dice}`` for the "Dice vs output size" plot (e.g. a cross-resolution sweep).
         title: the HTML title.
         key: the metric used for case selection and the histogram.
+        group_by: a column (e.g. ``"gt_components"``); when the rows carry it, ``summary.json`` gets the
+            statistics per value of that column under ``"groups"`` and the HTML a table of ``key`` per group.
 
     Returns:
         ``{"csv": path, "json": path, "html": path}``.
@@ -308,6 +310,7 @@ def write_report(out_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]], 
         "selected_by": key,
         "selected": selected,
         "sweep": {str(k): sweep[k] for k in sorted(sweep)} if sweep is not None else None,
+        "groups": _groups(rows, group_by),
         "config": config,
         "conventions": conventions,
     })
@@ -328,6 +331,15 @@ def write_report(out_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]], 
     return paths
 
 
+def _groups(rows: Sequence[Mapping[str, Any]], column: str | None) -> dict[str, Any] | None:
+    """``{"by": column, "values": {value: summarize(rows with that value)}}``, or None without the column."""
+    if column is None or not any(column in r for r in rows):
+        return None
+    values = sorted({r.get(column) for r in rows}, key=lambda v: (v is None, str(v).zfill(12)))
+    return {"by": column,
+            "values": {str(v): summarize([r for r in rows if r.get(column) == v]) for v in values}}
+
+
 def _render_html(rows, *, id_col, key, title, summary, selected, overlays, sweep) -> str:
     esc = html.escape
     parts = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
@@ -344,6 +356,17 @@ def _render_html(rows, *, id_col, key, title, summary, selected, overlays, sweep
             f"<td>{_fmt(s.get(c))}</td>" for c in ("mean", "std", "median", "min", "max", "n_valid", "n_nan"))
             + "</tr>")
     parts.append("</table>")
+
+    groups = summary.get("groups")
+    if groups:
+        parts.append(f"<h2>{esc(key)} by {esc(groups['by'])}</h2>")
+        parts.append(f'<table><tr><th class="k">{esc(groups["by"])}</th><th>cases</th><th>mean</th>'
+                     "<th>median</th><th>min</th></tr>")
+        for value, stats in groups["values"].items():
+            st = stats.get(key, {})
+            parts.append(f'<tr><td class="k">{esc(value)}</td><td>{st.get("n", 0)}</td>' + "".join(
+                f"<td>{_fmt(st.get(c))}</td>" for c in ("mean", "median", "min")) + "</tr>")
+        parts.append("</table>")
 
     parts.append(f"<h2>Cases: best, median and worst by {esc(key)}</h2>")
     parts.append(f'<p class="legend"><span style="background:{GT_COLOR}"></span>ground truth '

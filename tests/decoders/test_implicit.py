@@ -396,3 +396,26 @@ def test_user_errors():
         model(feats, pe, coords=torch.zeros(2, 3))
     with pytest.raises(ImedsamError):
         model.train()(feats, pe, size=(4, 4), fast=True)
+
+
+def test_sample_training_points_inside_the_box():
+    mask = torch.zeros(2, 1, 40, 30)
+    mask[0, :, 10:25, 5:20] = 1
+    boxes = torch.tensor([[5.0, 10.0, 19.0, 24.0], [2.0, 30.0, 8.0, 36.0]])  # xyxy, inclusive pixel indices
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    coords, _ = sample_training_points(mask, 100, boundary_fraction=0.5, generator=gen(), boxes=boxes,
+                                       box_fraction=0.3)
+    i = (((coords[..., 0] + 1) * 40 - 1) / 2).round()
+    j = (((coords[..., 1] + 1) * 30 - 1) / 2).round()
+    for bi, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
+        inside = (i[bi] >= y0) & (i[bi] <= y1) & (j[bi] >= x0) & (j[bi] <= x1)
+        assert inside[50:80].all()  # points 50..79 are the box share
+        assert not inside.all()  # the uniform rest is not confined to the box
+    # no box share: exactly the draws of a call without boxes
+    plain, _ = sample_training_points(mask, 100, boundary_fraction=0.5, generator=gen())
+    same, _ = sample_training_points(mask, 100, boundary_fraction=0.5, generator=gen(), boxes=boxes)
+    assert torch.equal(plain, same)
+    with pytest.raises(ImedsamError, match="box_fraction"):
+        sample_training_points(mask, 10, box_fraction=0.2)
+    with pytest.raises(ImedsamError, match="box_fraction"):
+        sample_training_points(mask, 10, boundary_fraction=0.9, boxes=boxes, box_fraction=0.2)

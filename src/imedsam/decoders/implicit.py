@@ -832,6 +832,8 @@ def sample_training_points(
     boundary_fraction: float = 0.5,
     generator: torch.Generator | None = None,
     boundary_width: int = 1,
+    boxes: torch.Tensor | None = None,
+    box_fraction: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample query points for training the implicit decoder on a subset of pixels.
 
@@ -839,8 +841,11 @@ def sample_training_points(
     normalised as in :mod:`imedsam.decoders.coords`, and ``targets`` (B, N) float, the mask values there.
     ``round(N * boundary_fraction)`` points per image are drawn uniformly (with replacement) from the boundary
     band (pixels whose ``2 * boundary_width + 1`` square neighbourhood is not constant, i.e. dilation minus
-    erosion); the rest uniformly from the whole image. An image without a boundary (empty or full mask) uses
-    uniform points only. Reproducible with ``generator``.
+    erosion); then ``round(N * box_fraction)`` uniformly from the pixels inside the prompt box (``boxes`` (B, 4)
+    xyxy pixel indices of the mask grid, inclusive), where a box prompt is ambiguous (the background between
+    or around objects inside it); the rest uniformly from the whole image. An image without a boundary (empty
+    or full mask) uses uniform points instead of band points. Reproducible with ``generator``; with
+    ``box_fraction=0`` the draws are those of a call without boxes.
     """
     if mask.dim() != 4 or mask.shape[1] != 1:
         raise ImedsamError(f"sample_training_points: mask must be (B, 1, H, W); got {tuple(mask.shape)}")
@@ -848,6 +853,11 @@ def sample_training_points(
         raise ImedsamError(
             f"sample_training_points: need n_points >= 1, 0 <= boundary_fraction <= 1, boundary_width >= 1; "
             f"got {n_points}, {boundary_fraction}, {boundary_width}"
+        )
+    if not 0.0 <= box_fraction <= 1.0 - boundary_fraction or (box_fraction > 0 and boxes is None):
+        raise ImedsamError(
+            f"sample_training_points: need boxes and 0 <= box_fraction <= 1 - boundary_fraction; got "
+            f"box_fraction={box_fraction}, boundary_fraction={boundary_fraction}, boxes={'none' if boxes is None else 'given'}"
         )
     b, _, hh, ww = mask.shape
     dev = mask.device
@@ -857,6 +867,7 @@ def sample_training_points(
     ero = -F.max_pool2d(-m, k, stride=1, padding=boundary_width)
     band = (dil != ero).reshape(b, hh * ww)
     n_band = int(round(n_points * boundary_fraction))
+    n_box = int(round(n_points * box_fraction))
     flat_mask = m.reshape(b, hh * ww)
     all_idx = []
     for bi in range(b):
@@ -865,6 +876,14 @@ def sample_training_points(
         if n_band > 0 and band_idx.numel() > 0:
             pick = torch.randint(0, band_idx.numel(), (n_band,), generator=generator, device=dev)
             uni = torch.cat((band_idx[pick], uni[n_band:]))
+        if n_box > 0:
+            assert boxes is not None
+            x0, y0, x1, y1 = boxes[bi].tolist()
+            x0, x1 = (min(max(int(round(v)), 0), ww - 1) for v in (x0, x1))
+            y0, y1 = (min(max(int(round(v)), 0), hh - 1) for v in (y0, y1))
+            ys = torch.randint(y0, max(y1, y0) + 1, (n_box,), generator=generator, device=dev)
+            xs = torch.randint(x0, max(x1, x0) + 1, (n_box,), generator=generator, device=dev)
+            uni = torch.cat((uni[:n_band], ys * ww + xs, uni[n_band + n_box :]))
         all_idx.append(uni)
     index = torch.stack(all_idx)  # (B, N)
     coords = flat_index_coords(index.reshape(-1), hh, ww).reshape(b, n_points, 2)

@@ -129,18 +129,22 @@ class IMedSAM(SegmentationSystem):
 
     # ----------------------------------------------------------------- training
     def forward_train(self, images: torch.Tensor, boxes: torch.Tensor, masks: torch.Tensor, *, n_points: int,
-                      boundary_fraction: float = 0.5, generator: torch.Generator | None = None):
+                      boundary_fraction: float = 0.5, box_fraction: float = 0.0,
+                      generator: torch.Generator | None = None):
         """One training forward on ``n_points`` sampled query points per image.
 
         Args:
             images: (B, 3, S, S) normalised encoder input (square, no padding).
             boxes: (B, 4) xyxy in encoder-input pixels. masks: (B, 1, S, S) {0, 1} targets.
+            boundary_fraction, box_fraction: shares of the points drawn near mask boundaries and inside the
+            box (:func:`imedsam.decoders.implicit.sample_training_points`); the rest are uniform.
         Returns:
             coarse logits (B, 1, N), fine logits (B, 1, N), targets (B, 1, N).
         """
         embeddings = self.encode(images)
         features, pe, prior = self._features(embeddings, Prompts(boxes=boxes.view(-1, 1, 4)))
-        coords, targets = sample_training_points(masks, n_points, boundary_fraction, generator=generator)
+        coords, targets = sample_training_points(masks, n_points, boundary_fraction, generator=generator,
+                                                 boxes=boxes, box_fraction=box_fraction)
         coords = coords.to(features.device)
         out = self.decoder(features, pe, coords=coords)
         coarse, fine = out.coarse_logits, out.fine_logits

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from imedsam.errors import ImedsamError
 from imedsam.models.config import ModelConfig
@@ -38,10 +38,19 @@ class OptimSettings(_Strict):
     coarse_warm_epochs: int = Field(5, ge=0, description="coarse-loss weight decays linearly to 0 over these")
     points_per_image: int = Field(4096, ge=1, description="query points sampled per image and step")
     boundary_fraction: float = Field(0.5, ge=0, le=1, description="share of points drawn near mask boundaries")
+    box_fraction: float = Field(0.0, ge=0, le=1, description="share of points drawn inside the prompt box "
+                                                             "(at most 1 - boundary_fraction)")
     bce_weight: float = 0.5
     dice_weight: float = 0.5
     grad_clip: float | None = 1.0
     max_steps: int | None = Field(None, description="stop after this many optimizer steps (smoke tests)")
+
+    @model_validator(mode="after")
+    def _point_shares(self) -> OptimSettings:
+        if self.boundary_fraction + self.box_fraction > 1:
+            raise ValueError(f"boundary_fraction + box_fraction = {self.boundary_fraction + self.box_fraction} "
+                             "exceeds 1; lower one of them")
+        return self
 
 
 class RunSettings(_Strict):

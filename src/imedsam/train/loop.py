@@ -136,7 +136,8 @@ def train(system, train_set, val_fn, cfg: TrainConfig, run_dir: Path, *, resume:
             with autocast(device, amp):
                 coarse, fine, targets = system.forward_train(
                     images, boxes, masks, n_points=cfg.optim.points_per_image,
-                    boundary_fraction=cfg.optim.boundary_fraction, generator=points_gen)
+                    boundary_fraction=cfg.optim.boundary_fraction, box_fraction=cfg.optim.box_fraction,
+                    generator=points_gen)
             loss = w_coarse * criterion(coarse, targets) + (1 - w_coarse) * criterion(fine, targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

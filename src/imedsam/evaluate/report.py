@@ -335,7 +335,11 @@ def _groups(rows: Sequence[Mapping[str, Any]], column: str | None) -> dict[str, 
     """``{"by": column, "values": {value: summarize(rows with that value)}}``, or None without the column."""
     if column is None or not any(column in r for r in rows):
         return None
-    values = sorted({r.get(column) for r in rows}, key=lambda v: (v is None, str(v).zfill(12)))
+    def order(v: Any) -> tuple:  # numbers in numeric order first, then the other values by their text
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        return (0, v, "") if number else (1, 0, str(v))
+
+    values = sorted({r.get(column) for r in rows}, key=order)
     return {"by": column,
             "values": {str(v): summarize([r for r in rows if r.get(column) == v]) for v in values}}
 

@@ -25,13 +25,17 @@ def remove_small_components(mask: np.ndarray, min_size: int) -> np.ndarray:
         return np.stack([remove_small_components(m, min_size) for m in mask])
     if mask.ndim != 2:
         raise ImedsamError(f"remove_small_components: expected a (H, W) or (K, H, W) mask, got {mask.shape}")
-    labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
-    if n == 0:
+    labels, sizes = _components(mask)
+    if sizes.size == 0:
         return mask
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
-    keep = sizes >= min_size
-    keep[0] = False
+    keep = np.concatenate(([False], sizes >= min_size))  # label 0 is the background
     return keep[labels]
+
+
+def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """8-connected labels of a (H, W) bool ``mask`` (0 = background) and the pixel count of labels 1..n."""
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    return labels, np.bincount(labels.ravel(), minlength=n + 1)[1:]
 
 
 def count_components(mask: np.ndarray, min_fraction: float = 0.0) -> int:
@@ -40,8 +44,5 @@ def count_components(mask: np.ndarray, min_fraction: float = 0.0) -> int:
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim != 2:
         raise ImedsamError(f"count_components: expected a (H, W) mask, got {mask.shape}")
-    labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
-    if n == 0:
-        return 0
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    _, sizes = _components(mask)
     return int((sizes >= min_fraction * sizes.sum()).sum())

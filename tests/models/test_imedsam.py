@@ -85,3 +85,43 @@ def test_adaptive_decoding_with_the_sam_prior_keeps_the_prior_prediction(shape):
     else:
         assert 0 < exact.masks.sum() < exact.masks.size
         assert (adaptive.masks == exact.masks).mean() > 0.99
+
+
+def test_train_transformer_trains_saves_and_reloads_the_two_way_transformer(tmp_path):
+    """Off by default (I-MedSAM freezes it); on, the transformer and tokens get gradients (all of them with the
+    SAM prior, which reads the mask token; without it the token-only layers get none), are saved with the
+    adapter and come back on load, so a reloaded run predicts exactly as the trained one."""
+    small = DecoderSettings(coarse_hidden=(32, 16), coarse_feature_dim=8, fine_hidden=(16, 16))
+    frozen = build_imedsam(config=ModelConfig(backbone="tiny_tinyvit_test", decoder=small), pretrained=False)
+    assert not any(p.requires_grad for p in frozen.mask_decoder.transformer.parameters())
+    torch.manual_seed(0)
+    config = ModelConfig(backbone="tiny_tinyvit_test",
+                         decoder=small.model_copy(update={"train_transformer": True, "sam_prior": True}))
+    system = build_imedsam(config=config, pretrained=False)
+    images, masks = torch.rand(1, 3, 64, 64), torch.zeros(1, 1, 64, 64)
+    masks[..., 10:40, 12:50] = 1
+    coarse, fine, targets = system.forward_train(images, torch.tensor([[12.0, 10, 49, 39]]), masks, n_points=64)
+    torch.nn.functional.binary_cross_entropy_with_logits(fine, targets).backward()
+    for module in (system.mask_decoder.transformer, system.mask_decoder.mask_tokens):
+        grads = [p.grad for p in module.parameters()]
+        assert all(g is not None for g in grads) and any(float(g.abs().sum()) > 0 for g in grads)
+    extra = sum(p.numel() for p in system.parameters() if p.requires_grad) - sum(
+        p.numel() for p in frozen.parameters() if p.requires_grad)
+    tf = system.mask_decoder
+    assert extra == sum(p.numel() for m in (tf.transformer, tf.iou_token, tf.mask_tokens) for p in m.parameters())
+
+    with torch.no_grad():  # a "trained" transformer: different from the base weights the reload starts from
+        for p in system.mask_decoder.transformer.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    system.save_trainable(tmp_path / "adapter.safetensors")
+    torch.manual_seed(0)  # the same random frozen weights as `system`; the trained ones come from the file
+    reloaded = build_imedsam(adapter=tmp_path / "adapter.safetensors", pretrained=False)
+    torch.testing.assert_close(reloaded.mask_decoder.transformer.state_dict(),
+                               system.mask_decoder.transformer.state_dict())
+    image = np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    preds = []
+    for model in (system, reloaded):
+        seg = Segmenter(model, device="cpu", precision="fp32")
+        seg.set_image(image)
+        preds.append(seg.predict(box=(10, 12, 40, 50)).logits)
+    np.testing.assert_array_equal(preds[0], preds[1])

@@ -49,6 +49,11 @@ class DecoderSettings(_Strict):
                                                "bilinearly interpolated at each query point) to the implicit "
                                                "decoder's logits; the logit heads start at zero, so the system "
                                                "starts as the zero-shot backbone")
+    train_transformer: bool = Field(False, description="also train the backbone's SAM two-way transformer and its "
+                                                       "output tokens (frozen in I-MedSAM, systems.md A.5; "
+                                                       "trained in SAM-Med2D and MA-SAM), at the adapter learning "
+                                                       "rate: lets a box prompt learn to separate the objects "
+                                                       "inside it; +3.3M parameters on LiteMedSAM")
 
 
 class ModelConfig(_Strict):

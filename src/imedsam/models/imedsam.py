@@ -10,7 +10,9 @@ Data flow (one image; systems.md §A.0 with the §A.19 fixes in ``paper`` mode):
 
 Trainable: LoRA A/B (and gates in reference mode), the frequency adapters, the whole prompt encoder,
 ``mask_decoder.output_upscaling`` and the implicit decoder; everything else is frozen (systems.md §A.5). In
-``reference`` mode on ViT-B (binary) that is exactly 1,595,742 parameters.
+``reference`` mode on ViT-B (binary) that is exactly 1,595,742 parameters. The option
+``decoder.train_transformer`` also trains the two-way transformer and the IoU/mask tokens (as SAM-Med2D and
+MA-SAM do): with a frozen transformer a box around several separate objects is filled whole.
 """
 
 from __future__ import annotations
@@ -83,8 +85,10 @@ class IMedSAM(SegmentationSystem):
         self.mask_decoder = sam.mask_decoder
         for param in self.prompt_encoder.parameters():
             param.requires_grad_(True)
-        for param in self.mask_decoder.output_upscaling.parameters():
-            param.requires_grad_(True)
+        self.mask_decoder.output_upscaling.requires_grad_(True)
+        if config.decoder.train_transformer:
+            for module in (self.mask_decoder.transformer, self.mask_decoder.iou_token, self.mask_decoder.mask_tokens):
+                module.requires_grad_(True)
         self.decoder = ImplicitDecoder(decoder_config(config, self.mask_decoder.transformer_dim))
         if config.decoder.sam_prior:
             self._zero_logit_heads()
@@ -252,7 +256,7 @@ def imedsam_parameter_breakdown(backbone: str = "litemedsam", mode: str = "paper
     config = ModelConfig(backbone=backbone, mode=mode, img_size=img_size)
     system = build_imedsam(config=config, pretrained=False)
     groups = {"LoRA (A, B)": 0, "LoRA gates": 0, "frequency adapters": 0, "prompt encoder": 0,
-              "output_upscaling": 0}
+              "output_upscaling": 0, "two-way transformer + tokens": 0}
     groups.update({f"implicit decoder: {k}": v for k, v in system.decoder.parameter_groups().items()
                    if k != "total"})
     for name, param in system.named_parameters():
@@ -268,6 +272,8 @@ def imedsam_parameter_breakdown(backbone: str = "litemedsam", mode: str = "paper
             groups["prompt encoder"] += param.numel()
         elif name.startswith("mask_decoder.output_upscaling."):
             groups["output_upscaling"] += param.numel()
+        elif name.startswith(("mask_decoder.transformer.", "mask_decoder.iou_token.", "mask_decoder.mask_tokens.")):
+            groups["two-way transformer + tokens"] += param.numel()
         else:
             groups[name] = param.numel()
     trainable = sum(p.numel() for p in system.parameters() if p.requires_grad)

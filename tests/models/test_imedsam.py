@@ -107,8 +107,8 @@ def test_train_transformer_trains_saves_and_reloads_the_two_way_transformer(tmp_
         assert all(g is not None for g in grads) and any(float(g.abs().sum()) > 0 for g in grads)
     extra = sum(p.numel() for p in system.parameters() if p.requires_grad) - sum(
         p.numel() for p in frozen.parameters() if p.requires_grad)
-    tf = system.mask_decoder
-    assert extra == sum(p.numel() for m in (tf.transformer, tf.iou_token, tf.mask_tokens) for p in m.parameters())
+    parts = (system.mask_decoder.transformer, system.mask_decoder.iou_token, system.mask_decoder.mask_tokens)
+    assert extra == sum(p.numel() for m in parts for p in m.parameters())
 
     with torch.no_grad():  # a "trained" transformer: different from the base weights the reload starts from
         for p in system.mask_decoder.transformer.parameters():

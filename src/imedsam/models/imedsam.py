@@ -42,6 +42,7 @@ from imedsam.sam.model import SamModel
 log = logging.getLogger(__name__)
 
 ADAPTER_FILES = ("best.safetensors", "adapter.safetensors")
+TRANSFORMER_PARTS = ("transformer", "iou_token", "mask_tokens")  # of the mask decoder: decoder.train_transformer
 
 
 def peft_config(config: ModelConfig) -> PeftConfig:
@@ -83,12 +84,11 @@ class IMedSAM(SegmentationSystem):
         self.image_encoder = inject_adapters(sam.image_encoder, peft_config(config))
         self.prompt_encoder = sam.prompt_encoder
         self.mask_decoder = sam.mask_decoder
-        for param in self.prompt_encoder.parameters():
-            param.requires_grad_(True)
+        self.prompt_encoder.requires_grad_(True)
         self.mask_decoder.output_upscaling.requires_grad_(True)
         if config.decoder.train_transformer:
-            for module in (self.mask_decoder.transformer, self.mask_decoder.iou_token, self.mask_decoder.mask_tokens):
-                module.requires_grad_(True)
+            for part in TRANSFORMER_PARTS:
+                getattr(self.mask_decoder, part).requires_grad_(True)
         self.decoder = ImplicitDecoder(decoder_config(config, self.mask_decoder.transformer_dim))
         if config.decoder.sam_prior:
             self._zero_logit_heads()
@@ -272,7 +272,7 @@ def imedsam_parameter_breakdown(backbone: str = "litemedsam", mode: str = "paper
             groups["prompt encoder"] += param.numel()
         elif name.startswith("mask_decoder.output_upscaling."):
             groups["output_upscaling"] += param.numel()
-        elif name.startswith(("mask_decoder.transformer.", "mask_decoder.iou_token.", "mask_decoder.mask_tokens.")):
+        elif name.startswith(tuple(f"mask_decoder.{part}." for part in TRANSFORMER_PARTS)):
             groups["two-way transformer + tokens"] += param.numel()
         else:
             groups[name] = param.numel()

@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("segment", help="segment a 2D image (PNG/JPG/TIF/BMP/DICOM slice) from a box and/or points")
     p.add_argument("image", help="input image file")
     p.add_argument("--box", nargs=4, type=float, metavar=("X0", "Y0", "X1", "Y1"),
-                   help="box in original pixel coordinates")
+                   help="box in original pixel coordinates (X1, Y1 one past the last pixel, as COCO/SAM boxes)")
     p.add_argument("--point", nargs=3, type=float, action="append", metavar=("X", "Y", "LABEL"),
                    help="a point in pixel coordinates with label 1 (foreground) or 0 (background); repeatable")
     p.add_argument("--out", required=True, help="output mask PNG (0/255)")

@@ -120,7 +120,7 @@ def test_nnunet_2d(nnunet2d_root: Path) -> None:
         ("img_000", 1), ("img_001", 1), ("img_001", 2), ("img_002", 1)]
     item = ds[2]
     assert item["class_id"] == 2 and item["slice_index"] == -1
-    assert item["box"].tolist() == [20.0, 10.0, 27.0, 14.0]
+    assert item["box"].tolist() == [20.0, 10.0, 28.0, 15.0]
     assert torch.equal(item["image"][0], torch.full((20, 30), 40.0))
     assert item["mask"].sum().item() == 40  # class 2 only, binary
 
@@ -150,7 +150,7 @@ def test_nnunet_3d_slicing_and_classes(nnunet3d_root: Path) -> None:
     assert item["image"].shape == (3, 16, 20) and item["image"].dtype == torch.float32
     assert item["mask"].shape == (1, 16, 20)
     assert torch.equal(item["mask"][0], torch.from_numpy((lab[2] == 2).astype(np.float32)))
-    assert item["box"].tolist() == [12.0, 10.0, 16.0, 12.0]
+    assert item["box"].tolist() == [12.0, 10.0, 17.0, 13.0]
     assert (item["case_id"], item["class_id"], item["slice_index"]) == ("synth_000", 2, 2)
     assert item["original_size"].tolist() == [16, 20]
     assert 0 <= item["image"].min() and item["image"].max() <= 255
@@ -168,10 +168,10 @@ def test_nnunet_3d_slicing_and_classes(nnunet3d_root: Path) -> None:
 
 def test_dataset_resize_and_collate(nnunet3d_root: Path) -> None:
     ds = SegmentationDataset(discover(nnunet3d_root), split="train", min_foreground=10, size=(32, 40))
-    item = ds[2]  # class 1, slice 3: rows 6..9, cols 8..12 at (16, 20) -> doubled at (32, 40)
+    item = ds[2]  # class 1, slice 3: rows 6..9, cols 8..12 at (16, 20) -> doubled at (32, 40), half-open box
     assert item["image"].shape == (3, 32, 40) and item["mask"].shape == (1, 32, 40)
     assert set(item["mask"].unique().tolist()) <= {0.0, 1.0}
-    assert item["box"].tolist() == [16.0, 12.0, 25.0, 19.0]
+    assert item["box"].tolist() == [16.0, 12.0, 26.0, 20.0]
     assert item["original_size"].tolist() == [16, 20]
     batch = next(iter(DataLoader(ds, batch_size=3, shuffle=False)))
     assert batch["image"].shape == (3, 3, 32, 40) and batch["box"].shape == (3, 4)
@@ -205,8 +205,8 @@ def test_pairs_label_map_gives_one_sample_per_class(tmp_path: Path) -> None:
     write_png(root / "masks" / "x.png", lab)
     ds = SegmentationDataset(root)
     assert [s.class_id for s in ds.samples] == [3, 7]
-    assert ds[0]["box"].tolist() == [1.0, 1.0, 3.0, 2.0]
-    assert ds[1]["box"].tolist() == [5.0, 6.0, 10.0, 8.0]
+    assert ds[0]["box"].tolist() == [1.0, 1.0, 4.0, 3.0]
+    assert ds[1]["box"].tolist() == [5.0, 6.0, 11.0, 9.0]
     with pytest.raises(ImedsamError, match="min_foreground"):
         SegmentationDataset(root, min_foreground=100)
 
@@ -232,7 +232,7 @@ def test_real_kvasir_sessile_split() -> None:
     assert item["image"].shape == (3, 256, 256) and item["class_id"] == 1
     m = item["mask"][0].numpy() > 0
     ys, xs = np.nonzero(m)
-    assert item["box"].tolist() == [xs.min(), ys.min(), xs.max(), ys.max()]
+    assert item["box"].tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]  # half-open
 
 
 def test_items_carry_in_plane_spacing_scaled_by_resize(nnunet3d_root, pairs_root):
@@ -253,3 +253,15 @@ def test_items_carry_in_plane_spacing_scaled_by_resize(nnunet3d_root, pairs_root
     png = SegmentationDataset(discover(pairs_root))[0]
     assert all(math.isnan(v) for v in png["spacing"].tolist())
     assert dataset_cases(SegmentationDataset(discover(pairs_root)), limit=1)[0].spacing is None
+
+
+def test_dataset_keeps_a_box_for_an_object_lost_in_resizing(tmp_path: Path) -> None:
+    root = tmp_path / "tiny"
+    lab = np.zeros((16, 20), np.uint8)
+    lab[2, 4] = 1  # nearest-exact halving keeps odd rows/cols only: this pixel vanishes
+    write_png(root / "images" / "x.png", np.zeros((16, 20, 3), np.uint8))
+    write_png(root / "masks" / "x.png", lab)
+    item = SegmentationDataset(root, min_foreground=1, size=(8, 10))[0]
+    assert item["mask"].sum().item() == 0
+    # the original half-open box [4, 2, 5, 3] scaled by 1/2 and rounded, kept at least one pixel wide and tall
+    assert item["box"].tolist() == [2.0, 1.0, 3.0, 2.0]

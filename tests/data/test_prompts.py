@@ -16,39 +16,42 @@ def _mask() -> np.ndarray:
     return m
 
 
-def test_box_from_mask_is_tight_xyxy() -> None:
+def test_box_from_mask_is_tight_half_open_xyxy() -> None:
     box = box_from_mask(_mask())
-    assert box.dtype == np.float32 and box.tolist() == [8.0, 5.0, 33.0, 20.0]
+    assert box.dtype == np.float32 and box.tolist() == [8.0, 5.0, 34.0, 21.0]  # one past the last col/row
     one = np.zeros((7, 9), np.uint8)
     one[5, 3] = 255
-    assert box_from_mask(one).tolist() == [3.0, 5.0, 3.0, 5.0]
-    assert box_from_mask(one[None]).tolist() == [3.0, 5.0, 3.0, 5.0]  # (1, H, W) accepted
+    assert box_from_mask(one).tolist() == [3.0, 5.0, 4.0, 6.0]
+    assert box_from_mask(one[None]).tolist() == [3.0, 5.0, 4.0, 6.0]  # (1, H, W) accepted
+    corner = np.zeros((7, 9), bool)
+    corner[6, 8] = True  # the last pixel: the box ends on the image border and is still valid
+    assert validate_box(box_from_mask(corner), corner.shape).tolist() == [8.0, 6.0, 9.0, 7.0]
     with pytest.raises(ImedsamError, match="empty"):
         box_from_mask(np.zeros((4, 4)))
 
 
 def test_validate_box() -> None:
-    assert validate_box([0, 0, 39, 29], (30, 40)).tolist() == [0, 0, 39, 29]
+    assert validate_box([0, 0, 40, 30], (30, 40)).tolist() == [0, 0, 40, 30]  # half-open: x_max may be W
     with pytest.raises(ImedsamError, match="outside the image"):
-        validate_box([0, 0, 40, 29], (30, 40))
+        validate_box([0, 0, 41, 29], (30, 40))
     with pytest.raises(ImedsamError, match="xyxy"):
         validate_box([10, 0, 5, 29], (30, 40))
 
 
 def test_jitter_expand_within_bounds_and_clipped() -> None:
-    box = np.array([8, 5, 19, 11], np.float32)
+    box = np.array([8, 5, 20, 12], np.float32)
     rng = np.random.default_rng(0)
     seen = set()
     for _ in range(300):
         j = jitter_box(box, (30, 40), rng=rng, expand=(0, 20))
-        # never shrinks, grows by 0..19 px per side, clipped to [0, W-1] x [0, H-1]
-        assert j[0] <= 8 and j[1] <= 5 and j[2] >= 19 and j[3] >= 11
-        assert j[0] >= max(0, 8 - 19) and j[1] >= 0 and j[2] <= min(39, 19 + 19) and j[3] <= 29
+        # never shrinks, grows by 0..19 px per side, clipped to [0, W] x [0, H]
+        assert j[0] <= 8 and j[1] <= 5 and j[2] >= 20 and j[3] >= 12
+        assert j[0] >= max(0, 8 - 19) and j[1] >= 0 and j[2] <= min(40, 20 + 19) and j[3] <= 30
         assert np.all(j == np.round(j))
         seen.add(float(8 - j[0]))
     assert seen == {float(v) for v in range(0, 9)}  # left side: 0..19 px, clipped at x = 0 (8 px room)
     far = jitter_box(np.array([30, 20, 35, 25]), (30, 40), rng=np.random.default_rng(1), expand=(19, 20))
-    assert far.tolist() == [11.0, 1.0, 39.0, 29.0]
+    assert far.tolist() == [11.0, 1.0, 40.0, 30.0]
 
 
 def test_jitter_seeded_reproducible() -> None:
@@ -61,14 +64,14 @@ def test_jitter_seeded_reproducible() -> None:
 
 
 def test_jitter_shift_and_fraction() -> None:
-    box = np.array([10, 10, 29, 19], np.float32)  # 20 x 10 px
+    box = np.array([10, 10, 30, 20], np.float32)  # 20 x 10 px
     rng = np.random.default_rng(3)
     for _ in range(200):
         j = jitter_box(box, (30, 40), rng=rng, mode="shift", shift=5)
         d = j - box
         assert d[0] == d[2] and d[1] == d[3]  # same offset on both corners
         assert -5 <= d[0] < 5 and -5 <= d[1] < 5
-    small = np.array([10, 10, 13, 11], np.float32)  # 4 x 2 px: shift capped at floor(0.5 * 2) = 1
+    small = np.array([10, 10, 14, 12], np.float32)  # 4 x 2 px: shift capped at floor(0.5 * 2) = 1
     for _ in range(50):
         d = jitter_box(small, (30, 40), rng=rng, mode="shift", shift=5) - small
         assert -1 <= d[0] < 1 and -1 <= d[1] < 1

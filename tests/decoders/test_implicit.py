@@ -401,14 +401,14 @@ def test_user_errors():
 def test_sample_training_points_inside_the_box():
     mask = torch.zeros(2, 1, 40, 30)
     mask[0, :, 10:25, 5:20] = 1
-    boxes = torch.tensor([[5.0, 10.0, 19.0, 24.0], [2.0, 30.0, 8.0, 36.0]])  # xyxy, inclusive pixel indices
+    boxes = torch.tensor([[5.0, 10.0, 20.0, 25.0], [2.0, 30.0, 9.0, 37.0]])  # xyxy, half-open
     gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
     coords, _ = sample_training_points(mask, 100, boundary_fraction=0.5, generator=gen(), boxes=boxes,
                                        box_fraction=0.3)
     i = (((coords[..., 0] + 1) * 40 - 1) / 2).round()
     j = (((coords[..., 1] + 1) * 30 - 1) / 2).round()
     for bi, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
-        inside = (i[bi] >= y0) & (i[bi] <= y1) & (j[bi] >= x0) & (j[bi] <= x1)
+        inside = (i[bi] >= y0) & (i[bi] < y1) & (j[bi] >= x0) & (j[bi] < x1)
         assert inside[50:80].all()  # points 50..79 are the box share
         assert not inside.all()  # the uniform rest is not confined to the box
     # no box share: exactly the draws of a call without boxes

@@ -7,7 +7,7 @@ Each item is a dict:
   0..255 with one window for the whole volume (``window`` argument, else the file's window, else the volume's
   0.5..99.5 percentiles), so all slices of a case share one intensity scale.
 - ``"mask"``: float32 ``(1, H, W)`` in {0, 1}, the binary mask of ``class_id``.
-- ``"box"``: float32 ``(4,)`` xyxy box in pixel indices of the returned image (tight box of ``mask``, then
+- ``"box"``: float32 ``(4,)`` half-open xyxy box in pixels of the returned image (tight box of ``mask``, then
   jittered when ``box_jitter`` is set).
 - ``"case_id"`` (str), ``"class_id"`` (int), ``"slice_index"`` (int; ``-1`` for 2D images, so batches collate),
   ``"original_size"``: int64 ``(2,)`` ``(H, W)`` of the image/slice before any resize;
@@ -211,9 +211,10 @@ class SegmentationDataset(Dataset):
             pixel_spacing = pixel_spacing / np.array([sy, sx], dtype=np.float32)
             if bool(msk_t.any()):
                 box = box_from_mask(msk_t[0].numpy())
-            else:  # the object vanished under nearest resize: keep its scaled box
-                box = np.clip(np.round((box + 0.5) * np.array([sx, sy, sx, sy]) - 0.5),
-                              0, [self.size[1] - 1, self.size[0] - 1] * 2).astype(np.float32)
+            else:  # the object vanished under nearest resize: keep its scaled (half-open) box, >= 1 px wide
+                scaled = np.round(box * np.array([sx, sy, sx, sy]))
+                scaled[2:] = np.maximum(scaled[2:], scaled[:2] + 1)
+                box = np.clip(scaled, 0, [self.size[1], self.size[0]] * 2).astype(np.float32)
         seed = self.item_seed(index)
         if self.augmenter is not None:
             img_t, msk_t, done = self.augmenter(img_t, msk_t, seed=seed)

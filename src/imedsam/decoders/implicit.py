@@ -842,7 +842,7 @@ def sample_training_points(
     ``round(N * boundary_fraction)`` points per image are drawn uniformly (with replacement) from the boundary
     band (pixels whose ``2 * boundary_width + 1`` square neighbourhood is not constant, i.e. dilation minus
     erosion); then ``round(N * box_fraction)`` uniformly from the pixels inside the prompt box (``boxes`` (B, 4)
-    xyxy pixel indices of the mask grid, inclusive), where a box prompt is ambiguous (the background between
+    half-open xyxy boxes on the mask grid, :mod:`imedsam.data.prompts`), where a box prompt is ambiguous (the background between
     or around objects inside it); the rest uniformly from the whole image. An image without a boundary (empty
     or full mask) uses uniform points instead of band points. Reproducible with ``generator``; with
     ``box_fraction=0`` the draws are those of a call without boxes.
@@ -878,9 +878,9 @@ def sample_training_points(
             uni = torch.cat((band_idx[pick], uni[n_band:]))
         if n_box > 0:
             assert boxes is not None
-            x0, y0, x1, y1 = boxes[bi].tolist()
-            x0, x1 = (min(max(int(round(v)), 0), ww - 1) for v in (x0, x1))
-            y0, y1 = (min(max(int(round(v)), 0), hh - 1) for v in (y0, y1))
+            x0, y0, x1, y1 = boxes[bi].tolist()  # half-open: pixels x0 <= x < x1, y0 <= y < y1
+            x0, x1 = (min(max(int(round(v)), 0), ww - 1) for v in (x0, x1 - 1))
+            y0, y1 = (min(max(int(round(v)), 0), hh - 1) for v in (y0, y1 - 1))
             ys = torch.randint(y0, max(y1, y0) + 1, (n_box,), generator=generator, device=dev)
             xs = torch.randint(x0, max(x1, x0) + 1, (n_box,), generator=generator, device=dev)
             uni = torch.cat((uni[:n_band], ys * ww + xs, uni[n_band + n_box :]))

@@ -92,7 +92,8 @@ def prepare_image(image: np.ndarray, preprocess, device: torch.device | str = "c
 def check_box(box, original_size: tuple[int, int], name: str = "--box") -> np.ndarray:
     """Validate an (x0, y0, x1, y1) box in original pixel coordinates; returns float64 (4,).
 
-    SAM's convention: the corners are pixel indices of the box's extreme pixels (x1 = x0 is a one-pixel-wide box).
+    Half-open, as COCO/SA-1B boxes (SAM's training data): x1, y1 are one past the box's last column/row, so the
+    one-pixel box at (x, y) is (x, y, x + 1, y + 1) (see :mod:`imedsam.data.prompts`).
     """
     b = np.asarray(box, dtype=np.float64).reshape(-1)
     if b.size != 4 or not np.all(np.isfinite(b)):

@@ -295,3 +295,19 @@ def test_litemedsam_tinyvit_counts() -> None:
     blocks = [128] * 2 + [160] * 6 + [320] * 2
     assert counts["frequency_adapter"] == sum((d * 4 + 4) + (4 * d + d) for d in blocks)
     assert counts["lora"] + counts["lora_gate"] == sum(2 * (d * 4 + 4 * d) + d for d in blocks)
+
+
+@pytest.mark.parametrize("gate", [False, True])
+def test_windowed_lora_skips_projecting_padding_only_when_ungated(gate: bool) -> None:
+    from imedsam.sam.vit import window_partition, window_unpartition
+
+    model = inject_adapters(tiny_vit_encoder(), PeftConfig(frequency=False, lora_gate=gate))
+    _perturb_lora(model)
+    block = next(b for b in model.blocks if b.window_size > 0)
+    # ungated LoRA is per token; the reference gate pools each padded window, so it must see the padding
+    assert block.attn.pointwise_qkv is (not gate)
+    x = block.norm1(torch.randn(2, 6, 6, block.attn.qkv.in_features))
+    with torch.no_grad():
+        windows, pad_hw = window_partition(x, block.window_size)
+        padded = window_unpartition(block.attn(windows), block.window_size, pad_hw, (6, 6))
+        torch.testing.assert_close(block.attention(x), padded, rtol=0, atol=1e-5)

@@ -79,18 +79,29 @@ def test_forward_is_embed_blocks_neck_and_block_is_reproducible_step_by_step() -
         tokens = model.embed(x)
         for block in model.blocks:
             # What an adapter wrapper does: re-run the block's flow from its public attributes.
-            shortcut, h = tokens, block.norm1(tokens)
-            if block.window_size > 0:
-                h, pad_hw = window_partition(h, block.window_size)
-                h = window_unpartition(block.attn(h), block.window_size, pad_hw, tokens.shape[1:3])
-            else:
-                h = block.attn(h)
-            h = shortcut + h
+            h = tokens + block.attention(block.norm1(tokens))
             manual = h + block.mlp(block.norm2(h))
             tokens = block(tokens)
             torch.testing.assert_close(manual, tokens, rtol=0, atol=0)
         manual_out = model.neck(tokens.permute(0, 3, 1, 2))
         torch.testing.assert_close(manual_out, model(x), rtol=0, atol=0)
+
+
+def test_windowed_attention_projects_only_real_tokens_yet_equals_zero_padding() -> None:
+    model = build_image_encoder_vit("vit_tiny", img_size=96).eval()  # 6x6 tokens, windows of 4: padded to 8x8
+    model.load_state_dict(_random_state_dict(model))
+    block = next(b for b in model.blocks if b.window_size > 0)
+    assert block.attn.pointwise_qkv and 6 % block.window_size
+    x = block.norm1(torch.randn(2, 6, 6, block.attn.qkv.in_features))
+    calls = []
+    hook = block.attn.qkv.register_forward_hook(lambda _m, inp, _out: calls.append(inp[0].shape[:-1].numel()))
+    with torch.no_grad():
+        fast = block.attention(x)
+        windows, pad_hw = window_partition(x, block.window_size)  # SAM: zero tokens through qkv and proj
+        padded = window_unpartition(block.attn(windows), block.window_size, pad_hw, (6, 6))
+    hook.remove()
+    assert calls[:2] == [2 * 36, 1]  # the real tokens, then one zero token for the padding; SAM projects 2 * 64
+    torch.testing.assert_close(fast, padded, rtol=0, atol=1e-5)
 
 
 def test_window_partition_roundtrip_with_padding() -> None:
@@ -100,6 +111,9 @@ def test_window_partition_roundtrip_with_padding() -> None:
     assert torch.equal(windows[0], x[0, :4, :4])
     assert torch.count_nonzero(windows[3, 2:, :]) == 0  # bottom-right window of image 0 is mostly padding
     assert torch.equal(window_unpartition(windows, 4, pad_hw, (6, 5)), x)
+    fill = torch.tensor([1.0, 2.0, 3.0])
+    filled, _ = window_partition(x, 4, fill=fill)
+    assert torch.equal(filled[3, 2:, :], fill.expand(2, 4, 3)) and torch.equal(filled[0], x[0, :4, :4])
 
 
 def test_attention_matches_plain_formula() -> None:

@@ -268,22 +268,12 @@ class FrequencyAdaptedViT(_FrequencyAdaptedEncoder):
 
     def forward_tokens(self, x: torch.Tensor, valid_hw: Any = None) -> torch.Tensor:
         """(B, 3, S, S) -> tokens after the last block (B, S/p, S/p, C), before the neck."""
-        from imedsam.sam.vit import window_partition, window_unpartition
-
         enc = self.encoder
         tokens = enc.embed(x)  # validates the input shape first
         f = enc.embed(self.frequency_input(x, valid_hw))
         x = tokens
         for block, adapter in zip(enc.blocks, self.adapters):
-            shortcut = x
-            x = block.norm1(x)
-            if block.window_size > 0:
-                hw = (x.shape[1], x.shape[2])
-                x, pad_hw = window_partition(x, block.window_size)
-            x = block.attn(x)
-            if block.window_size > 0:
-                x = window_unpartition(x, block.window_size, pad_hw, hw)
-            x = shortcut + x
+            x = x + block.attention(block.norm1(x))
             f = adapter(f)
             x = x + block.mlp(block.norm2(x)) + adapter.merge(f)
         return x

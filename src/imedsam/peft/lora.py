@@ -150,6 +150,11 @@ class LoRAQKV(nn.Module):
             pooled = x
         return self.lora_gate(pooled)
 
+    @property
+    def pointwise(self) -> bool:
+        """Whether every token is mapped on its own (ungated): then padding tokens can be projected apart."""
+        return not self.gated
+
     def delta_weight(self) -> torch.Tensor:
         """The dense update ``dW`` ``(n_out, C)`` such that ``forward(x) == base(x) + x @ dW.T`` (ungated only)."""
         if self.gated:

@@ -83,10 +83,13 @@ VIT_CONFIGS: dict[str, dict[str, Any]] = {
 # --------------------------------------------------------------------------------------------------------------
 
 
-def window_partition(x: torch.Tensor, window_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+def window_partition(
+    x: torch.Tensor, window_size: int, fill: torch.Tensor | None = None
+) -> tuple[torch.Tensor, tuple[int, int]]:
     """Cut ``(B, H, W, C)`` tokens into non-overlapping ``window_size`` squares.
 
-    The grid is zero-padded at the bottom/right up to ``(Hp, Wp)``, the next multiples of ``window_size``.
+    The grid is padded at the bottom/right up to ``(Hp, Wp)``, the next multiples of ``window_size``, with zero
+    tokens, or with the token ``fill`` (any shape that broadcasts to ``(C,)``) when given.
 
     Returns:
         ``windows`` of shape ``(B * nWh * nWw, window_size, window_size, C)``, ordered batch-major then row-major
@@ -96,7 +99,12 @@ def window_partition(x: torch.Tensor, window_size: int) -> tuple[torch.Tensor, t
     hp = -(-h // window_size) * window_size
     wp = -(-w // window_size) * window_size
     if (hp, wp) != (h, w):
-        x = F.pad(x, (0, 0, 0, wp - w, 0, hp - h))
+        if fill is None:
+            x = F.pad(x, (0, 0, 0, wp - w, 0, hp - h))
+        else:
+            padded = fill.reshape(1, 1, 1, c).to(x.dtype).expand(b, hp, wp, c).clone()
+            padded[:, :h, :w] = x
+            x = padded
     x = x.view(b, hp // window_size, window_size, wp // window_size, window_size, c)
     windows = x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size, window_size, c)
     return windows, (hp, wp)
@@ -257,17 +265,26 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, H, W, C)`` -> ``(B, H, W, C)``."""
-        b, h, w, c = x.shape
-        n = h * w
+        return self.proj(self.attend(self.qkv(x)))
+
+    @property
+    def pointwise_qkv(self) -> bool:
+        """Whether ``qkv`` maps every token on its own (a Linear, or a module that says so with ``pointwise``),
+        so that it commutes with padding the token grid."""
+        return isinstance(self.qkv, nn.Linear) or bool(getattr(self.qkv, "pointwise", False))
+
+    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """The attention between the projections: ``qkv(x)`` ``(B, H, W, 3C)`` -> ``(B, H, W, C)`` before ``proj``."""
+        b, h, w, c3 = qkv.shape
+        n, c = h * w, c3 // 3
         # (B, H, W, 3C) -> (3, B, heads, N, head_dim)
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        qkv = qkv.reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         bias = None
         if self.use_rel_pos:
             bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
-        out = out.transpose(1, 2).reshape(b, h, w, c)
-        return self.proj(out)
+        return out.transpose(1, 2).reshape(b, h, w, c)
 
 
 class Block(nn.Module):
@@ -304,16 +321,27 @@ class Block(nn.Module):
         self.mlp = MLPBlock(embedding_dim=dim, mlp_dim=int(dim * mlp_ratio), act=act_layer)
         self.window_size = window_size
 
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Self-attention of the normalised tokens ``x`` ``(B, H, W, C)`` -> ``(B, H, W, C)``, in windows when
+        ``window_size > 0``.
+
+        As in SAM the windows are zero-padded after ``norm1``, and padding tokens take part in the attention.
+        When ``qkv`` is per token (:attr:`Attention.pointwise_qkv`) the two projections run on the real tokens
+        only and the padding tokens get ``qkv(0)`` directly: the same attention without projecting the padding
+        (ViT-B at 384^2: 576 tokens instead of 784 in every windowed block).
+        """
+        if self.window_size == 0:
+            return self.attn(x)
+        ws, hw = self.window_size, (x.shape[1], x.shape[2])
+        if (hw[0] % ws or hw[1] % ws) and self.attn.pointwise_qkv:
+            qkv = self.attn.qkv(x)
+            windows, pad_hw = window_partition(qkv, ws, fill=self.attn.qkv(x.new_zeros(1, x.shape[-1])))
+            return self.attn.proj(window_unpartition(self.attn.attend(windows), ws, pad_hw, hw))
+        windows, pad_hw = window_partition(x, ws)
+        return window_unpartition(self.attn(windows), ws, pad_hw, hw)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x
-        x = self.norm1(x)
-        if self.window_size > 0:
-            hw = (x.shape[1], x.shape[2])
-            x, pad_hw = window_partition(x, self.window_size)
-            x = window_unpartition(self.attn(x), self.window_size, pad_hw, hw)
-        else:
-            x = self.attn(x)
-        x = shortcut + x
+        x = x + self.attention(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
 

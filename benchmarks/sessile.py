@@ -3,13 +3,13 @@
 Protocol: ``../shared/data/kvasir-sessile`` with its ``splits.json`` (118 train / 39 val / 39 test, 256x256);
 I-MedSAM trained on ``train`` (config ``configs/imedsam-sessile.yaml`` + the overrides below), the best checkpoint
 chosen on ``val`` Dice only, both methods reported on ``test``; prompt = tight box of the ground-truth mask
-(half-open: one past the last foreground column/row, as COCO/SA-1B boxes), prediction directly on the native 256x256 grid, fp32, Dice/IoU per image
-averaged over images, HD95 in pixels (MONAI convention: max of the two directed 95th percentiles). Training time
-is wall clock on this machine (2 threads). On CPUs with native bf16 the trained model is also scored with bf16
-autocast (inference only), to show whether ``--precision auto`` keeps the accuracy. Both methods are also
-scored with predicted components under 16 px removed (``imedsam evaluate --min-component 16``). Dice is also
-given separately for images whose ground truth is one polyp and for those with several separate polyps inside
-the one box (components holding >= 5 % of the foreground), the ambiguous prompts where most of the error is.
+(half-open: one past the last foreground column/row, as COCO/SA-1B boxes), prediction directly on the native 256x256
+grid, fp32, Dice/IoU per image averaged over images, HD95 in pixels (MONAI convention: max of the two directed 95th
+percentiles). Training time is wall clock on this machine (2 threads). On CPUs with native bf16 the trained model is
+also scored with bf16 autocast (inference only), to show whether ``--precision auto`` keeps the accuracy. Both
+methods are also scored with predicted components under 16 px removed (``imedsam evaluate --min-component 16``).
+Dice is also given separately for images whose ground truth is one polyp and for those with several separate polyps
+inside the one box (components holding >= 5 % of the foreground), the ambiguous prompts where most of the error is.
 
     python benchmarks/sessile.py [--out runs/sessile] [--resume] [KEY=VALUE overrides]
 """
@@ -75,8 +75,8 @@ def main() -> None:
         sys.exit(f"sessile benchmark: data folder not found: {args.data}")
     device = torch.device("cpu")
     test_cases = dataset_cases(SegmentationDataset(discover(args.data), split="test"))
-    protocol = {"data": "kvasir-sessile", "split": "test", "prompt": "tight GT box (half-open xyxy)", "grid": "native 256x256",
-                "precision": "fp32"}
+    protocol = {"data": "kvasir-sessile", "split": "test", "prompt": "tight GT box (half-open xyxy)",
+                "grid": "native 256x256", "precision": "fp32"}
 
     zero_shot = build_system("litemedsam").eval()
     print(json.dumps({"benchmark": "sessile", "method": "LiteMedSAM zero-shot", **protocol,

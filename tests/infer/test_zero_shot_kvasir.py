@@ -1,8 +1,8 @@
 """Zero-shot LiteMedSAM on the Kvasir-Sessile test split with tight ground-truth boxes: mean Dice >= 0.90.
 
 Protocol: split = ``test`` of ../shared/data/kvasir-sessile/splits.json (39 images, 256x256), prompt = tight box of
-the ground-truth mask (half-open: one past the last foreground column/row), prediction at the original 256x256 grid, fp32,
-Dice per image averaged over images.
+the ground-truth mask (half-open: one past the last foreground column/row), prediction at the original 256x256
+grid, fp32, Dice per image averaged over images.
 """
 
 import json

@@ -839,12 +839,12 @@ def sample_training_points(
 
     ``mask`` (B, 1, H, W) (binary or integer label map). Returns ``coords`` (B, N, 2) at pixel centres, (y, x),
     normalised as in :mod:`imedsam.decoders.coords`, and ``targets`` (B, N) float, the mask values there.
-    ``round(N * boundary_fraction)`` points per image are drawn uniformly (with replacement) from the boundary
-    band (pixels whose ``2 * boundary_width + 1`` square neighbourhood is not constant, i.e. dilation minus
-    erosion); then ``round(N * box_fraction)`` uniformly from the pixels inside the prompt box (``boxes`` (B, 4)
-    half-open xyxy boxes on the mask grid, :mod:`imedsam.data.prompts`), where a box prompt is ambiguous (the background between
-    or around objects inside it); the rest uniformly from the whole image. An image without a boundary (empty
-    or full mask) uses uniform points instead of band points. Reproducible with ``generator``; with
+    ``round(N * boundary_fraction)`` points per image are drawn uniformly (with replacement) from the boundary band
+    (pixels whose ``2 * boundary_width + 1`` square neighbourhood is not constant, i.e. dilation minus erosion);
+    then ``round(N * box_fraction)`` uniformly from the pixels inside the prompt box (``boxes`` (B, 4) half-open
+    xyxy boxes on the mask grid, :mod:`imedsam.data.prompts`), where a box prompt is ambiguous (the background
+    between or around objects inside it); the rest uniformly from the whole image. An image without a boundary
+    (empty or full mask) uses uniform points instead of band points. Reproducible with ``generator``; with
     ``box_fraction=0`` the draws are those of a call without boxes.
     """
     if mask.dim() != 4 or mask.shape[1] != 1:

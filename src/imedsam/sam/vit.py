@@ -89,7 +89,7 @@ def window_partition(
     """Cut ``(B, H, W, C)`` tokens into non-overlapping ``window_size`` squares.
 
     The grid is padded at the bottom/right up to ``(Hp, Wp)``, the next multiples of ``window_size``, with zero
-    tokens, or with the token ``fill`` (any shape that broadcasts to ``(C,)``) when given.
+    tokens, or with copies of the token ``fill`` (``C`` values, e.g. shape ``(C,)`` or ``(1, C)``) when given.
 
     Returns:
         ``windows`` of shape ``(B * nWh * nWw, window_size, window_size, C)``, ordered batch-major then row-major

@@ -10,6 +10,8 @@ also scored with bf16 autocast (inference only), to show whether ``--precision a
 methods are also scored with predicted components under 16 px removed (``imedsam evaluate --min-component 16``).
 Dice is also given separately for images whose ground truth is one polyp and for those with several separate polyps
 inside the one box (components holding >= 5 % of the foreground), the ambiguous prompts where most of the error is.
+Last, flip test-time augmentation (``imedsam evaluate --tta``): the candidates none, h, h,v and h,v,hv are scored on
+``val`` with the trained model, the best is chosen there, and both methods are scored on ``test`` with it.
 
     python benchmarks/sessile.py [--out runs/sessile] [--resume] [KEY=VALUE overrides]
 """
@@ -30,16 +32,39 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "kvasir-sessile"
 DEFAULT_OVERRIDES = ["run.precision=fp32"]
 MIN_COMPONENT = 16  # the post-processed lines: predicted components < 16 px removed (--min-component 16)
+TTA_CANDIDATES = ("none", "h", "h,v", "h,v,hv")  # nested: each adds one flipped view to the one before
 
 
-def score(system, cases, device, amp=None, min_component: int = 0) -> dict:
+def select_tta(system, cases, device) -> tuple[str, dict]:
+    """Choose the flip test-time augmentation on ``cases`` (val): mean Dice of each candidate, the best (the
+    fewest views on ties). Every image is encoded once per view; the candidates average prefixes of the views."""
+    import numpy as np
+    import torch
+
+    from imedsam.evaluate.metrics import binary_metrics
+    from imedsam.evaluate.protocol import view_logits
+    from imedsam.infer.tta import parse_tta
+
+    views = parse_tta(TTA_CANDIDATES[-1])
+    dice = {name: [] for name in TTA_CANDIDATES}
+    for case in cases:
+        logits = view_logits(system, case, sizes=[None], device=device, views=views)[0]
+        for n_views, name in enumerate(TTA_CANDIDATES, start=1):
+            mean = torch.stack(logits[:n_views]).mean(0)
+            dice[name].append(binary_metrics((mean > 0).numpy(), case.gt)["dice"])
+    means = {name: round(float(np.mean(v)), 4) for name, v in dice.items()}
+    return max(TTA_CANDIDATES, key=lambda name: (means[name], -len(name))), means
+
+
+def score(system, cases, device, amp=None, min_component: int = 0, tta: str = "none") -> dict:
     import numpy as np
 
     from imedsam.evaluate.protocol import evaluate_cases
+    from imedsam.infer.tta import parse_tta
 
     start = time.perf_counter()
     rows = evaluate_cases(system, cases, sizes=[None], device=device, amp_dtype=amp, seed=0, progress=False,
-                          min_component=min_component)
+                          min_component=min_component, views=parse_tta(tta))
     out = {"n": len(rows), "seconds_per_image": round((time.perf_counter() - start) / max(len(rows), 1), 2)}
     for key in ("dice", "iou", "hd95"):
         values = np.array([r[key] for r in rows], dtype=float)
@@ -74,7 +99,8 @@ def main() -> None:
     if not Path(args.data).is_dir():
         sys.exit(f"sessile benchmark: data folder not found: {args.data}")
     device = torch.device("cpu")
-    test_cases = dataset_cases(SegmentationDataset(discover(args.data), split="test"))
+    index = discover(args.data)
+    test_cases = dataset_cases(SegmentationDataset(index, split="test"))
     protocol = {"data": "kvasir-sessile", "split": "test", "prompt": "tight GT box (half-open xyxy)",
                 "grid": "native 256x256", "precision": "fp32"}
 
@@ -110,6 +136,15 @@ def main() -> None:
         print(json.dumps({"benchmark": "sessile", "method": "I-MedSAM (LiteMedSAM backbone)", **protocol,
                           "precision": "bf16 autocast (inference only)", "selection": "best val Dice",
                           **score(trained, test_cases, device, torch.bfloat16)}), flush=True)
+
+    # flip test-time augmentation (imedsam evaluate --tta): chosen on val Dice, then both methods scored with it
+    tta, val_dice = select_tta(trained, dataset_cases(SegmentationDataset(index, split="val")), device)
+    print(json.dumps({"benchmark": "sessile", "event": "tta selected", "split": "val", "method": "I-MedSAM",
+                      "val_dice": val_dice, "tta": tta}), flush=True)
+    for method, system in (("LiteMedSAM zero-shot", zero_shot), ("I-MedSAM (LiteMedSAM backbone)", trained)):
+        print(json.dumps({"benchmark": "sessile", "method": method, **protocol, "tta": tta,
+                          "selection": "best val Dice; tta chosen on val",
+                          **score(system, test_cases, device, tta=tta)}), flush=True)
 
 
 if __name__ == "__main__":

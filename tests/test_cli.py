@@ -36,10 +36,11 @@ def test_segment_writes_mask_and_overlay(tmp_path, image_file, capsys):
     assert json.loads(stdout.strip().splitlines()[-1])["mask"] == str(out.resolve())
 
 
-def test_segment_output_grid(tmp_path, image_file, capsys):
+@pytest.mark.parametrize("tta", ["none", "h,v"])
+def test_segment_output_grid(tmp_path, image_file, capsys, tta):
     out = tmp_path / "mask.png"
     code, _, _ = _run(capsys, ["segment", str(image_file), "--box", "5", "5", "30", "30", "--size", "7", "9",
-                               "--out", str(out), "--model", "tiny_tinyvit_test"])
+                               "--out", str(out), "--model", "tiny_tinyvit_test", "--tta", tta])
     assert code == 0 and np.asarray(Image.open(out)).shape == (7, 9)
 
 
@@ -75,6 +76,7 @@ def test_segment_adaptive_large_grid(tmp_path, capsys, caplog):
     (["segment", "IMG", "--box", "1", "1", "5", "5", "--model", "tiny_vit_test", "--checkpoint", "CKPT"],
      "CKPT"),
     (["segment", "IMG", "--box", "1", "1", "5", "5", "--model", "tiny_vit_test", "--adaptive"], "--adaptive"),
+    (["segment", "IMG", "--box", "1", "1", "5", "5", "--model", "tiny_vit_test", "--tta", "x"], "--tta"),
 ])
 def test_user_errors_are_one_line_exit_2_and_write_nothing(tmp_path, image_file, capsys, argv, message):
     bad_ckpt = tmp_path / "bad.pth"

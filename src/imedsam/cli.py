@@ -97,7 +97,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if args.backbone:
         options["backbone"] = args.backbone
     seg = Segmenter(args.model, checkpoint=args.checkpoint, adapter=args.adapter, device=args.device,
-                    precision=args.precision, **options)
+                    precision=args.precision, tta=args.tta, **options)
     if args.adaptive:
         from imedsam.models.imedsam import set_adaptive_decoding
 

@@ -31,6 +31,9 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adaptive", action="store_true",
                    help="implicit decoder: decode large output grids exactly only near the boundary (faster; "
                         "approximate)")
+    p.add_argument("--tta", default="none", metavar="FLIPS",
+                   help="flip test-time augmentation: 'none' (default) or flips among h, v, hv, e.g. h,v (the "
+                        "logits of the image and its flipped copies averaged; one encoder pass per view)")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -56,7 +59,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="report folder (cases.csv, summary.json, report.html)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="fp32", help="fp32 (default) | auto | bf16 | fp16")
-    p.add_argument("--seed", type=int, default=0, help="seed of the MC-dropout passes")
+    p.add_argument("--seed", type=int, default=0, help="seed of the MC-dropout passes and of --box-jitter")
+    p.add_argument("--box-jitter", default=None, metavar="LO,HI",
+                   help="expand each side of the GT box by a seeded U[LO, HI) pixels (default: the tight box)")
+    p.add_argument("--gt-dir", default=None,
+                   help="score against the masks of the same names in this folder (e.g. the original-resolution "
+                        "masks of a down-sampled dataset); 'native' is then each of these masks' grid")
     add_decoding_args(p)
 
 
@@ -76,6 +84,18 @@ def _sizes(args) -> tuple[list, dict | None]:
     except ValueError:
         raise ImedsamError(f"--size: expected 'native' or H W, got {' '.join(args.size)}") from None
     return [(h, w)], None
+
+
+def _box_jitter(text: str | None) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ImedsamError(f"--box-jitter: expected LO,HI in pixels (e.g. 0,10), got {text!r}") from None
+    if not 0 <= lo <= hi:
+        raise ImedsamError(f"--box-jitter: need 0 <= LO <= HI, got {text!r}")
+    return lo, hi
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -99,7 +119,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     summary = run_evaluation(run=args.run, model=args.model, checkpoint=args.checkpoint, data=args.data,
                              split=args.split, sizes=sizes, sweep=sweep is not None, out=args.out,
                              device=args.device, precision=args.precision, seed=args.seed, limit=args.limit,
-                             adaptive=args.adaptive, min_component=args.min_component)
+                             adaptive=args.adaptive, min_component=args.min_component, tta=args.tta,
+                             box_jitter=_box_jitter(args.box_jitter), gt_dir=args.gt_dir)
     print(json.dumps(summary))
     return 0
 

@@ -118,7 +118,7 @@ def test_cli_train_then_evaluate_writes_a_report(disc_dataset, tmp_path, capsys)
                  "--sweep", "16,48", "--device", "cpu"]) == 0
     summary = json.loads((report / "summary.json").read_text())
     assert (report / "cases.csv").exists() and (report / "report.html").stat().st_size > 1000
-    assert summary["config"]["min_component"] == 0
+    assert summary["config"]["min_component"] == 0 and summary["config"]["tta"] == "id"
     rows = list(csv.DictReader(open(report / "cases.csv")))
     assert {row["gt_components"] for row in rows} == {"1"}  # every ground truth here is one disc
     assert summary["groups"]["by"] == "gt_components" and list(summary["groups"]["values"]) == ["1"]
@@ -129,3 +129,7 @@ def test_cli_train_then_evaluate_writes_a_report(disc_dataset, tmp_path, capsys)
     assert summary["config"]["min_component"] == 1000000
     # every predicted component is smaller than that: all predictions are empty, so Dice is 0 for every case
     assert all(float(row["dice"]) == 0.0 for row in csv.DictReader(open(filtered / "cases.csv")))
+    flipped = tmp_path / "report_tta"
+    assert main(["evaluate", "--run", str(run), "--data", str(disc_dataset), "--out", str(flipped),
+                 "--tta", "h,v", "--device", "cpu", "--limit", "2"]) == 0
+    assert json.loads((flipped / "summary.json").read_text())["config"]["tta"] == "id,h,v"

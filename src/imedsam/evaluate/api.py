@@ -15,22 +15,32 @@ log = logging.getLogger(__name__)
 def run_evaluation(*, run: str | None, model: str | None, checkpoint: str | None, data: str | Path, split: str,
                    sizes: list, sweep: bool, out: str | Path, device: str = "auto", precision: str = "fp32",
                    seed: int = 0, limit: int | None = None, adaptive: bool = False,
-                   min_component: int = 0) -> dict:
-    """Score a trained run (``run``) or a zero-shot model (``model``) on ``split`` of ``data``; returns a summary."""
+                   min_component: int = 0, tta: str | None = None, box_jitter: tuple[float, float] | None = None,
+                   gt_dir: str | Path | None = None) -> dict:
+    """Score a trained run (``run``) or a zero-shot model (``model``) on ``split`` of ``data``; returns a summary.
+
+    ``box_jitter``: (lo, hi) pixels, each side of the GT box expanded by U[lo, hi) (seeded by ``seed``); ``gt_dir``:
+    a folder of masks named like the dataset's images to score against instead (see :func:`load_gt_dir`).
+    """
     from imedsam.data import SegmentationDataset, discover
     from imedsam.evaluate.metrics import conventions, summarize
     from imedsam.evaluate.protocol import __doc__ as protocol_text
-    from imedsam.evaluate.protocol import evaluate_cases, predict_case, resize_nearest
+    from imedsam.evaluate.protocol import evaluate_cases, predict_case
     from imedsam.evaluate.report import select_cases, write_report
+    from imedsam.infer.tta import parse_tta
     from imedsam.io.images import resize_rgb
     from imedsam.models.registry import build_system
     from imedsam.runtime import autocast_dtype, prepare_for_inference, resolve_device
     from imedsam.train.api import dataset_cases
 
+    views = parse_tta(tta)
     index = discover(data)
     if split not in index.counts():
         raise ImedsamError(f"--split: {data} has no {split!r} split (it has {sorted(index.counts())})")
-    cases = dataset_cases(SegmentationDataset(index, split=split), limit=limit)
+    jitter = {"mode": "expand", "expand": tuple(box_jitter)} if box_jitter else None
+    cases = dataset_cases(SegmentationDataset(index, split=split, box_jitter=jitter, seed=seed), limit=limit)
+    if gt_dir is not None:
+        load_gt_dir(cases, gt_dir)
     dev = resolve_device(device)
     amp = autocast_dtype(dev, precision)
     system = build_system("imedsam", adapter=run) if run else build_system(model, checkpoint=checkpoint)
@@ -40,7 +50,7 @@ def run_evaluation(*, run: str | None, model: str | None, checkpoint: str | None
         set_adaptive_decoding(system)
     prepare_for_inference(system, dev, amp)  # built here for inference only
     rows = evaluate_cases(system, cases, sizes=sizes, device=dev, amp_dtype=amp, seed=seed,
-                          min_component=min_component)
+                          min_component=min_component, views=views)
     if not rows:
         raise ImedsamError(f"--data: no case with a non-empty mask in split {split!r}")
     sweep_means = None
@@ -56,14 +66,18 @@ def run_evaluation(*, run: str | None, model: str | None, checkpoint: str | None
     overlays = {}
     for label, case_id in picks.items():
         case = by_id[case_id]
-        grid = tuple(case.gt.shape) if sizes[0] is None else tuple(sizes[0])
+        grid = case.native_grid if sizes[0] is None else tuple(sizes[0])
         pred = predict_case(system, case, size=grid, device=dev, amp_dtype=amp, seed=seed,
-                            min_component=min_component)
-        overlays[f"{label}: {case_id}"] = (resize_rgb(case.image, grid), resize_nearest(case.gt, grid), pred)
+                            min_component=min_component, views=views)
+        overlays[f"{label}: {case_id}"] = (resize_rgb(case.image, grid), case.gt_on(grid), pred)
     config = {"run": str(run) if run else None, "model": model, "checkpoint": checkpoint, "data": str(data),
               "split": split, "grids": [s if s is None else list(s) for s in sizes], "precision": precision,
               "decoding": "adaptive" if adaptive else "exact", "min_component": min_component,
-              "seed": seed, "prompt": "tight box of the ground-truth mask at the original resolution",
+              "tta": ",".join(v.name for v in views),
+              "seed": seed, "gt_dir": None if gt_dir is None else str(gt_dir),
+              "prompt": "tight box of the ground-truth mask at the dataset image's resolution"
+                        + (f", each side expanded by U[{box_jitter[0]:g}, {box_jitter[1]:g}) px (seed {seed})"
+                           if box_jitter else ""),
               "protocol": " ".join(protocol_text.split())}
     paths = write_report(out, rows, config=config, conventions=conventions(), overlays=overlays,
                          sweep=sweep_means, title=f"imedsam evaluation: {run or model} on {Path(data).name}/{split}",
@@ -71,3 +85,32 @@ def run_evaluation(*, run: str | None, model: str | None, checkpoint: str | None
     summary = summarize(main_rows)
     return {"report": str(Path(paths["html"]).resolve()), "cases": len(main_rows),
             "dice": summary["dice"]["mean"], "hd95": summary["hd95"]["mean"], "sweep": sweep_means}
+
+
+def load_gt_dir(cases: list, gt_dir: str | Path) -> None:
+    """Attach to every 2D case the mask of the same file stem in ``gt_dir`` as its ``gt_native``.
+
+    The masks may be on any grid of the same field of view (e.g. the original resolution of a down-sampled
+    dataset); binary (0/1, 0/255) or label maps (the case's class is taken). Raises a one-line error naming the
+    folder or file when a mask is missing, unreadable, or its aspect ratio differs from the image's by over 2 %.
+    """
+    from imedsam.data.folders import file_stem
+    from imedsam.data.samples import normalize_mask
+    from imedsam.io import read
+
+    folder = Path(gt_dir)
+    if not folder.is_dir():
+        raise ImedsamError(f"--gt-dir: folder not found: {gt_dir}")
+    by_stem = {file_stem(p): p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")}
+    for case in cases:
+        if case.slice_index is not None:
+            raise ImedsamError(f"--gt-dir: case {case.case_id} is a slice of a volume; --gt-dir takes 2D datasets")
+        path = by_stem.get(case.stem)
+        if path is None:
+            raise ImedsamError(f"--gt-dir: no mask named {case.stem}.* in {gt_dir}; it needs one per image")
+        labels = normalize_mask(read(path).array, source=path, ndim=2)
+        (h, w), (hn, wn) = case.gt.shape, labels.shape
+        if abs((hn / wn) / (h / w) - 1) > 0.02:
+            raise ImedsamError(f"--gt-dir: {path} is {hn}x{wn} (HxW) but the image is {h}x{w}: a ground truth "
+                               f"must cover the image's field of view with the same aspect ratio")
+        case.gt_native = labels == case.class_id

@@ -18,7 +18,8 @@ import torch
 
 from imedsam.errors import ImedsamError
 from imedsam.infer.postprocess import remove_small_components
-from imedsam.infer.prepare import PreparedImage, check_box, check_points, prepare_image, to_input_coords
+from imedsam.infer.prepare import PreparedImage, check_box, check_points, to_input_coords
+from imedsam.infer.tta import EncodedView, encode_views, mean_over_views, parse_tta
 from imedsam.io.sample import Sample
 from imedsam.models.base import Prompts, SegmentationSystem
 from imedsam.runtime import autocast, autocast_dtype, prepare_for_inference, resolve_device
@@ -34,8 +35,11 @@ class Prediction:
         masks: (K, H_o, W_o) bool, ``sigmoid(logits) > 0.5``.
         scores: (K,) predicted IoU (SAM decoders) or mean foreground confidence (implicit decoder).
         logits: (K, H_o, W_o) float32.
-        low_res_logits: (K, h, w) float32 SAM low-res logits, reusable as ``mask_input``; None otherwise.
+        low_res_logits: (K, h, w) float32 SAM low-res logits, reusable as ``mask_input``; None otherwise (and with
+            test-time augmentation).
         uncertainty: (H_o, W_o) float32 per-pixel uncertainty, when asked for; else None.
+
+    With flip test-time augmentation, logits, scores and uncertainty are the means over the views.
     """
 
     masks: np.ndarray
@@ -57,11 +61,14 @@ class Segmenter:
             A model built here from its name is frozen and keeps its Linear/Conv weights in that dtype
             (:func:`imedsam.runtime.prepare_for_inference`); a system passed in is left as it is.
         seed: seed of the Monte-Carlo dropout passes (uncertainty), so that repeated calls agree.
+        tta: flip test-time augmentation (:mod:`imedsam.infer.tta`): ``None``/``"none"``, or flips among ``h``,
+            ``v``, ``hv`` such as ``"h,v"``; each flip adds one encoder pass per image. Box and point prompts only.
     """
 
     def __init__(self, model: str | SegmentationSystem = "litemedsam", *, checkpoint: str | None = None,
                  adapter: str | None = None, device: str = "auto", precision: str = "auto", seed: int = 0,
-                 **model_options) -> None:
+                 tta: str | None = None, **model_options) -> None:
+        self.views = parse_tta(tta)
         self.device = resolve_device(device)
         owned = isinstance(model, str)
         if owned:
@@ -74,7 +81,7 @@ class Segmenter:
                        else model.to(self.device).eval())
         self.seed = seed
         self._prepared: PreparedImage | None = None
-        self._embedding: torch.Tensor | None = None
+        self._encoded: list[EncodedView] = []
 
     @property
     def original_size(self) -> tuple[int, int]:
@@ -87,9 +94,9 @@ class Segmenter:
             from imedsam.io import to_display_rgb
 
             image = to_display_rgb(image)
-        self._prepared = prepare_image(np.asarray(image), self.system.preprocess, self.device)
         with torch.inference_mode(), autocast(self.device, self.amp_dtype):
-            self._embedding = self.system.encode(self._prepared.tensor, valid_hw=self._prepared.input_size)
+            self._encoded = encode_views(self.system, np.asarray(image), self.views, self.device)
+        self._prepared = self._encoded[0].prepared
 
     def predict(self, box=None, points=None, point_labels=None, mask_input=None, *, multimask: bool = False,
                 size: tuple[int, int] | None = None, uncertainty: bool = False,
@@ -114,31 +121,49 @@ class Segmenter:
             size = (int(size[0]), int(size[1]))
             if min(size) < 1:
                 raise ImedsamError(f"--size: output grid must be at least 1x1, got {size[0]}x{size[1]}")
-        prompts = Prompts()
+        if mask_input is not None and len(self._encoded) > 1:
+            raise ImedsamError("mask_input: not supported with flip test-time augmentation (tta); "
+                               "prompt with a box and/or points, or build the Segmenter without tta")
         if box is not None:
-            b = to_input_coords(check_box(box, prepared.original_size), prepared)
-            prompts.boxes = torch.as_tensor(b, dtype=torch.float32, device=self.device).view(1, 4)
+            box = check_box(box, prepared.original_size)
         if points is not None:
             if point_labels is None:
                 point_labels = np.ones(len(np.asarray(points).reshape(-1, 2)), dtype=np.int64)
-            p, lab = check_points(points, point_labels, prepared.original_size)
-            prompts.points = torch.as_tensor(to_input_coords(p, prepared), dtype=torch.float32,
-                                             device=self.device).view(1, -1, 2)
-            prompts.labels = torch.as_tensor(lab, device=self.device).view(1, -1)
+            points, point_labels = check_points(points, point_labels, prepared.original_size)
+        outs = []
+        with torch.inference_mode(), autocast(self.device, self.amp_dtype):
+            for encoded in self._encoded:
+                prompts = self._view_prompts(encoded, box, points, point_labels, mask_input)
+                out = self.system.decode(encoded.embedding, encoded.prepared, prompts, multimask=multimask,
+                                         size=size, uncertainty=uncertainty, seed=self.seed)
+                restore = encoded.view.restore
+                outs.append((restore(out.logits[0].float()), out.scores[0].float(),
+                             None if out.uncertainty is None else restore(out.uncertainty[0, 0].float())))
+        logits = mean_over_views([o[0] for o in outs]).cpu().numpy()
+        low_res = out.low_res_logits if len(outs) == 1 else None
+        return Prediction(
+            masks=remove_small_components(logits > 0, min_component),
+            scores=mean_over_views([o[1] for o in outs]).cpu().numpy(),
+            logits=logits,
+            low_res_logits=None if low_res is None else low_res[0].float().cpu().numpy(),
+            uncertainty=None if outs[0][2] is None else mean_over_views([o[2] for o in outs]).cpu().numpy(),
+        )
+
+    def _view_prompts(self, encoded: EncodedView, box, points, labels, mask_input) -> Prompts:
+        """Checked prompts in original pixel coordinates -> :class:`Prompts` in one view's encoder frame."""
+        prepared, view = encoded.prepared, encoded.view
+        prompts = Prompts()
+        if box is not None:
+            b = to_input_coords(view.box(box, prepared.original_size), prepared)
+            prompts.boxes = torch.as_tensor(b, dtype=torch.float32, device=self.device).view(1, 4)
+        if points is not None:
+            p = to_input_coords(view.points(points, prepared.original_size), prepared)
+            prompts.points = torch.as_tensor(p, dtype=torch.float32, device=self.device).view(1, -1, 2)
+            prompts.labels = torch.as_tensor(labels, device=self.device).view(1, -1)
         if mask_input is not None:
             m = torch.as_tensor(np.asarray(mask_input, dtype=np.float32), device=self.device)
             prompts.mask_input = m.view(1, 1, *m.shape[-2:])
-        with torch.inference_mode(), autocast(self.device, self.amp_dtype):
-            out = self.system.decode(self._embedding, prepared, prompts, multimask=multimask, size=size,
-                                     uncertainty=uncertainty, seed=self.seed)
-        logits = out.logits[0].float().cpu().numpy()
-        return Prediction(
-            masks=remove_small_components(logits > 0, min_component),
-            scores=out.scores[0].float().cpu().numpy(),
-            logits=logits,
-            low_res_logits=None if out.low_res_logits is None else out.low_res_logits[0].float().cpu().numpy(),
-            uncertainty=None if out.uncertainty is None else out.uncertainty[0, 0].float().cpu().numpy(),
-        )
+        return prompts
 
     def _require_image(self) -> None:
         if self._prepared is None:

@@ -15,7 +15,8 @@ log = logging.getLogger(__name__)
 
 
 def dataset_cases(dataset, limit: int | None = None):
-    """Turn ``SegmentationDataset`` items (original size) into evaluation cases."""
+    """Turn ``SegmentationDataset`` items (original size) into evaluation cases; each keeps its item's box
+    (tight, or jittered when the dataset jitters boxes)."""
     from imedsam.evaluate.protocol import EvalCase
 
     cases = []
@@ -30,7 +31,11 @@ def dataset_cases(dataset, limit: int | None = None):
             name += f"#c{int(item['class_id'])}"
         spacing = item["spacing"].tolist() if "spacing" in item else [float("nan")] * 2
         known = all(np.isfinite(spacing))
-        cases.append(EvalCase(case_id=name, image=image, gt=gt, spacing=tuple(spacing) if known else None))
+        slice_index = int(item.get("slice_index", -1))
+        cases.append(EvalCase(case_id=name, image=image, gt=gt, spacing=tuple(spacing) if known else None,
+                              box=item["box"].numpy().astype(np.float64), stem=str(item["case_id"]),
+                              class_id=int(item.get("class_id", 1)),
+                              slice_index=slice_index if slice_index >= 0 else None))
     return cases
 
 

@@ -1,0 +1,99 @@
+"""`imedsam evaluate` protocol options: ground truth from another folder (--gt-dir) and jittered boxes."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imedsam.cli import main
+from imedsam.errors import ImedsamError
+from imedsam.evaluate.api import run_evaluation
+
+
+@pytest.fixture(scope="module")
+def squares(tmp_path_factory):
+    """4 gray 24x32 images with a bright rectangle (the mask), splits.json test = all; plus the masks at 2x."""
+    root = tmp_path_factory.mktemp("squares")
+    data, big = root / "data", root / "masks_2x"
+    for d in (data / "images", data / "masks", big):
+        d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    stems = []
+    for i in range(4):
+        mask = np.zeros((24, 32), np.uint8)
+        y0, x0 = rng.integers(2, 10), rng.integers(2, 14)
+        mask[y0:y0 + rng.integers(6, 12), x0:x0 + rng.integers(6, 14)] = 255
+        image = (30 + 0.7 * mask + rng.normal(0, 8, mask.shape)).clip(0, 255).astype(np.uint8)
+        stem = f"sq{i}"
+        Image.fromarray(image).save(data / "images" / f"{stem}.png")
+        Image.fromarray(mask).save(data / "masks" / f"{stem}.png")
+        Image.fromarray(np.kron(mask, np.ones((2, 2), np.uint8))).save(big / f"{stem}.png")
+        stems.append(stem)
+    (data / "splits.json").write_text(json.dumps({"train": [], "val": [], "test": stems}))
+    return data, big
+
+
+def _rows(report):
+    return list(csv.DictReader(open(report / "cases.csv")))
+
+
+def _evaluate(data, out, **options):
+    torch.manual_seed(0)  # the tiny model's random weights
+    base = {"run": None, "model": "tiny_tinyvit_test", "checkpoint": None, "data": data, "split": "test",
+            "sizes": [None], "sweep": False, "out": out, "device": "cpu"}
+    return run_evaluation(**{**base, **options})
+
+
+def test_gt_dir_scores_against_the_other_grid(squares, tmp_path):
+    data, big = squares
+    _evaluate(data, tmp_path / "gt_dir", gt_dir=big)
+    _evaluate(data, tmp_path / "resized", sizes=[(48, 64)])
+    with_dir, resized = _rows(tmp_path / "gt_dir"), _rows(tmp_path / "resized")
+    assert {r["grid"] for r in with_dir} == {"48x64"}  # native = the --gt-dir masks' grid
+    # the 2x masks are the nearest-resized dataset masks: the same scores as predicting at 48x64 without them
+    assert [r["dice"] for r in with_dir] == [r["dice"] for r in resized]
+    summary = json.loads((tmp_path / "gt_dir" / "summary.json").read_text())
+    assert summary["config"]["gt_dir"] == str(big)
+
+
+def test_gt_dir_errors_name_the_problem(squares, tmp_path):
+    data, big = squares
+    with pytest.raises(ImedsamError, match="--gt-dir: folder not found"):
+        _evaluate(data, tmp_path / "r", gt_dir=tmp_path / "missing")
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    Image.fromarray(np.zeros((48, 64), np.uint8)).save(partial / "sq0.png")
+    with pytest.raises(ImedsamError, match=r"no mask named sq1\.\*"):
+        _evaluate(data, tmp_path / "r", gt_dir=partial)
+    for i in range(4):
+        Image.fromarray(np.zeros((48, 48), np.uint8)).save(partial / f"sq{i}.png")
+    with pytest.raises(ImedsamError, match="aspect ratio"):
+        _evaluate(data, tmp_path / "r", gt_dir=partial)
+    assert not (tmp_path / "r").exists()
+
+
+def test_box_jitter_is_seeded_and_recorded(squares, tmp_path, capsys):
+    data, _ = squares
+    args = ["evaluate", "--model", "tiny_tinyvit_test", "--data", str(data), "--device", "cpu"]
+    for name, extra in [("tight", []), ("a", ["--box-jitter", "2,6"]), ("b", ["--box-jitter", "2,6"]),
+                        ("c", ["--box-jitter", "2,6", "--seed", "1"])]:
+        torch.manual_seed(0)  # the tiny model's random weights
+        assert main(args + ["--out", str(tmp_path / name)] + extra) == 0
+    tight, a, b, c = (_rows(tmp_path / n) for n in ("tight", "a", "b", "c"))
+    assert a == b  # same seed, same boxes, same scores
+
+    def boxes(rows):
+        return np.array([[float(v) for v in r["box"].split()] for r in rows])
+
+    grow = (boxes(a) - boxes(tight)) * [-1, -1, 1, 1]  # outward move of each side
+    limit = np.array([0, 0, 32, 24]) - boxes(tight)  # as far as the image allows
+    assert np.all((grow >= 2) & (grow < 6) | (grow == np.abs(limit)))
+    assert not np.array_equal(boxes(a), boxes(c))  # another seed, other boxes
+    prompt = json.loads((tmp_path / "a" / "summary.json").read_text())["config"]["prompt"]
+    assert "expanded by U[2, 6) px (seed 0)" in prompt
+    capsys.readouterr()
+    assert main(args + ["--out", str(tmp_path / "bad"), "--box-jitter", "6,2"]) == 2
+    assert "--box-jitter" in capsys.readouterr().err

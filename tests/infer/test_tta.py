@@ -9,6 +9,7 @@ from imedsam.errors import ImedsamError
 from imedsam.evaluate.protocol import EvalCase, predict_case
 from imedsam.infer.segmenter import Segmenter
 from imedsam.infer.tta import FlipView, parse_tta
+from imedsam.models.imedsam import IMedSAM
 
 
 def test_parse_tta():
@@ -52,14 +53,20 @@ def test_segmenter_averages_the_logits_of_the_flipped_views(system):
     plain = Segmenter(system, device="cpu", precision="fp32")
     tta = Segmenter(system, device="cpu", precision="fp32", tta="h,v")
     tta.set_image(image)
-    got = tta.predict(box=box, points=points, point_labels=labels, size=(19, 29))
-    expected = []
+    implicit = isinstance(system, IMedSAM)  # only the implicit decoder has an uncertainty map
+    got = tta.predict(box=box, points=points, point_labels=labels, size=(19, 29), uncertainty=implicit)
+    expected, expected_unc = [], []
     for view in parse_tta("h,v"):
         plain.set_image(view.image(image))
         pred = plain.predict(box=view.box(box, image.shape[:2]), points=view.points(points, image.shape[:2]),
-                             point_labels=labels, size=(19, 29))
+                             point_labels=labels, size=(19, 29), uncertainty=implicit)
         expected.append(view.restore(torch.from_numpy(pred.logits)).numpy())
+        if implicit:
+            expected_unc.append(view.restore(torch.from_numpy(pred.uncertainty)).numpy())
     np.testing.assert_allclose(got.logits, np.mean(expected, axis=0), rtol=1e-5, atol=1e-5)
+    if implicit:  # the uncertainty map is the mean of the views' maps too
+        assert got.uncertainty.shape == (19, 29) and got.uncertainty.max() > 0
+        np.testing.assert_allclose(got.uncertainty, np.mean(expected_unc, axis=0), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(got.masks, got.logits > 0)
     assert got.low_res_logits is None  # a mean of flipped views is no single view's mask_input
     plain.set_image(image)

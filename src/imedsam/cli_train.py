@@ -62,6 +62,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the MC-dropout passes and of --box-jitter")
     p.add_argument("--box-jitter", default=None, metavar="LO,HI",
                    help="expand each side of the GT box by a seeded U[LO, HI) pixels (default: the tight box)")
+    p.add_argument("--nsd-tolerance", type=float, default=2.0, metavar="TAU",
+                   help="NSD tolerance, in mm where the spacing is known, else in pixels (default 2)")
+    p.add_argument("--empty-policy", default="nan", metavar="POLICY",
+                   help="HD/HD95 when exactly one of prediction and ground truth is empty: nan (excluded from "
+                        "means, counted; default) | diagonal (of the grid) | a number")
     p.add_argument("--gt-dir", default=None,
                    help="score against the masks of the same names in this folder (e.g. the original-resolution "
                         "masks of a down-sampled dataset); 'native' is then each of these masks' grid")
@@ -84,6 +89,15 @@ def _sizes(args) -> tuple[list, dict | None]:
     except ValueError:
         raise ImedsamError(f"--size: expected 'native' or H W, got {' '.join(args.size)}") from None
     return [(h, w)], None
+
+
+def _empty_policy(text: str) -> str | float:
+    if text in ("nan", "diagonal"):
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise ImedsamError(f"--empty-policy: expected nan, diagonal or a number, got {text!r}") from None
 
 
 def _box_jitter(text: str | None) -> tuple[float, float] | None:
@@ -120,7 +134,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                              split=args.split, sizes=sizes, sweep=sweep is not None, out=args.out,
                              device=args.device, precision=args.precision, seed=args.seed, limit=args.limit,
                              adaptive=args.adaptive, min_component=args.min_component, tta=args.tta,
-                             box_jitter=_box_jitter(args.box_jitter), gt_dir=args.gt_dir)
+                             box_jitter=_box_jitter(args.box_jitter), gt_dir=args.gt_dir,
+                             nsd_tolerance=args.nsd_tolerance, empty_policy=_empty_policy(args.empty_policy))
     print(json.dumps(summary))
     return 0
 

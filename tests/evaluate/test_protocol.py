@@ -97,3 +97,29 @@ def test_box_jitter_is_seeded_and_recorded(squares, tmp_path, capsys):
     capsys.readouterr()
     assert main(args + ["--out", str(tmp_path / "bad"), "--box-jitter", "6,2"]) == 2
     assert "--box-jitter" in capsys.readouterr().err
+
+
+def test_nsd_tolerance_and_empty_policy_reach_the_metrics(squares, tmp_path, capsys):
+    data, _ = squares
+    args = ["evaluate", "--model", "tiny_tinyvit_test", "--data", str(data), "--device", "cpu", "--size", "48", "64"]
+    runs = {"t0": ["--nsd-tolerance", "0"], "t5": ["--nsd-tolerance", "5", "--empty-policy", "diagonal"],
+            "empty": ["--min-component", "100000", "--empty-policy", "diagonal"]}
+    for name, extra in runs.items():
+        torch.manual_seed(0)  # the tiny model's random weights
+        assert main(args + ["--out", str(tmp_path / name)] + extra) == 0
+    t0, t5 = _rows(tmp_path / "t0"), _rows(tmp_path / "t5")
+    for a, b in zip(t0, t5):
+        assert a["dice"] == b["dice"]
+        assert float(b["nsd"]) >= float(a["nsd"])  # a wider tolerance never lowers NSD
+        if float(a["dice"]) > 0 and a["hd95"] != "":
+            assert float(a["hd95"]) == float(b["hd95"])  # the policy only touches one-empty cases
+    assert any(float(b["nsd"]) > float(a["nsd"]) for a, b in zip(t0, t5))
+    # every prediction emptied: HD95 is the policy's sentinel, the 48x64 grid's diagonal
+    assert {float(r["hd95"]) for r in _rows(tmp_path / "empty")} == {80.0}
+    conventions = json.loads((tmp_path / "t5" / "summary.json").read_text())["conventions"]
+    assert conventions["nsd_tolerance"] == "5 pixels" and "diagonal" in conventions["empty_one"]
+    capsys.readouterr()
+    for bad, message in [(["--empty-policy", "worst"], "--empty-policy"), (["--nsd-tolerance", "-1"], "nsd_tolerance")]:
+        assert main(args + ["--out", str(tmp_path / "bad")] + bad) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -16,11 +16,12 @@ def run_evaluation(*, run: str | None, model: str | None, checkpoint: str | None
                    sizes: list, sweep: bool, out: str | Path, device: str = "auto", precision: str = "fp32",
                    seed: int = 0, limit: int | None = None, adaptive: bool = False,
                    min_component: int = 0, tta: str | None = None, box_jitter: tuple[float, float] | None = None,
-                   gt_dir: str | Path | None = None) -> dict:
+                   gt_dir: str | Path | None = None, nsd_tolerance: float = 2.0, empty_policy="nan") -> dict:
     """Score a trained run (``run``) or a zero-shot model (``model``) on ``split`` of ``data``; returns a summary.
 
     ``box_jitter``: (lo, hi) pixels, each side of the GT box expanded by U[lo, hi) (seeded by ``seed``); ``gt_dir``:
-    a folder of masks named like the dataset's images to score against instead (see :func:`load_gt_dir`).
+    a folder of masks named like the dataset's images to score against instead (see :func:`load_gt_dir`);
+    ``nsd_tolerance`` and ``empty_policy``: as in :func:`imedsam.evaluate.metrics.binary_metrics`.
     """
     from imedsam.data import SegmentationDataset, discover
     from imedsam.evaluate.metrics import conventions, summarize
@@ -34,6 +35,7 @@ def run_evaluation(*, run: str | None, model: str | None, checkpoint: str | None
     from imedsam.train.api import dataset_cases
 
     views = parse_tta(tta)
+    conventions(nsd_tolerance=nsd_tolerance, empty_policy=empty_policy)  # checks both before any work
     index = discover(data)
     if split not in index.counts():
         raise ImedsamError(f"--split: {data} has no {split!r} split (it has {sorted(index.counts())})")
@@ -41,6 +43,8 @@ def run_evaluation(*, run: str | None, model: str | None, checkpoint: str | None
     cases = dataset_cases(SegmentationDataset(index, split=split, box_jitter=jitter, seed=seed), limit=limit)
     if gt_dir is not None:
         load_gt_dir(cases, gt_dir)
+    spacing = next((c.spacing for c in cases if c.spacing is not None), None)  # distances in mm where known
+    metric_conventions = conventions(spacing=spacing, nsd_tolerance=nsd_tolerance, empty_policy=empty_policy)
     dev = resolve_device(device)
     amp = autocast_dtype(dev, precision)
     system = build_system("imedsam", adapter=run) if run else build_system(model, checkpoint=checkpoint)
@@ -50,7 +54,8 @@ def run_evaluation(*, run: str | None, model: str | None, checkpoint: str | None
         set_adaptive_decoding(system)
     prepare_for_inference(system, dev, amp)  # built here for inference only
     rows = evaluate_cases(system, cases, sizes=sizes, device=dev, amp_dtype=amp, seed=seed,
-                          min_component=min_component, views=views)
+                          min_component=min_component, views=views, nsd_tolerance=nsd_tolerance,
+                          empty_policy=empty_policy)
     if not rows:
         raise ImedsamError(f"--data: no case with a non-empty mask in split {split!r}")
     sweep_means = None
@@ -79,7 +84,7 @@ def run_evaluation(*, run: str | None, model: str | None, checkpoint: str | None
                         + (f", each side expanded by U[{box_jitter[0]:g}, {box_jitter[1]:g}) px (seed {seed})"
                            if box_jitter else ""),
               "protocol": " ".join(protocol_text.split())}
-    paths = write_report(out, rows, config=config, conventions=conventions(), overlays=overlays,
+    paths = write_report(out, rows, config=config, conventions=metric_conventions, overlays=overlays,
                          sweep=sweep_means, title=f"imedsam evaluation: {run or model} on {Path(data).name}/{split}",
                          group_by="gt_components")
     summary = summarize(main_rows)

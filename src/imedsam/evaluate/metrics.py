@@ -123,6 +123,7 @@ def conventions(*, spacing: Sequence[float] | None = None, nsd_tolerance: float 
         empty_policy: as in :func:`binary_metrics`.
     """
     _check_policy(empty_policy)
+    _check_tolerance(nsd_tolerance)
     unit = "mm" if spacing is not None else "pixels"
     if empty_policy == "nan":
         one_empty = ("hd and hd95 are NaN (undefined): excluded from mean/std/median and counted in n_nan")

@@ -106,10 +106,12 @@ def predict_case(system, case: EvalCase, *, size: tuple[int, int] | list | None,
 
 def evaluate_cases(system, cases, *, sizes: list[tuple[int, int] | None], device: torch.device, amp_dtype=None,
                    seed: int = 0, progress: bool = True, min_component: int = 0,
-                   views: tuple[FlipView, ...] = (FlipView(),)) -> list[dict]:
+                   views: tuple[FlipView, ...] = (FlipView(),), nsd_tolerance: float = 2.0,
+                   empty_policy="nan") -> list[dict]:
     """Score every case at every requested grid (``None`` = native). One row per (case, grid).
 
     ``views``: flip test-time augmentation (:func:`imedsam.infer.tta.parse_tta`); default none.
+    ``nsd_tolerance``, ``empty_policy``: as in :func:`imedsam.evaluate.metrics.binary_metrics`.
     """
     from imedsam.evaluate.metrics import binary_metrics
 
@@ -128,7 +130,8 @@ def evaluate_cases(system, cases, *, sizes: list[tuple[int, int] | None], device
             spacing = None
             if case.spacing is not None:
                 spacing = (case.spacing[0] * case.gt.shape[0] / grid[0], case.spacing[1] * case.gt.shape[1] / grid[1])
-            metrics = binary_metrics(pred, gt, spacing=spacing)
+            metrics = binary_metrics(pred, gt, spacing=spacing, nsd_tolerance=nsd_tolerance,
+                                     empty_policy=empty_policy)
             rows.append({"case": case.case_id, "grid": f"{grid[0]}x{grid[1]}", "height": grid[0], "width": grid[1],
                          **{k: (float(v) if v is not None else None) for k, v in metrics.items()},
                          "gt_components": n_components,

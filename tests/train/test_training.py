@@ -102,6 +102,41 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(disc_dataset
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
 
 
+def test_ema_run_keeps_the_average_as_best_and_resumes_exactly(disc_dataset, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from imedsam.train import loop
+
+    torch.set_num_threads(1)
+    cfg = _config(**{"optim.epochs": 2, "run.val_every": 10, "optim.ema_decay": 0.9})  # validated at the end only
+    full = run_training(cfg, disc_dataset, tmp_path / "full")
+    state = torch.load(tmp_path / "full" / "train_state.pt", weights_only=True)
+    assert state["ema"]["steps"] == full.history[-1]["step"] == 10
+    best, raw = load_file(str(tmp_path / "full" / "best.safetensors")), _weights(tmp_path / "full")
+    shadow = state["ema"]["shadow"]
+    for name, value in shadow.items():  # best = the average (validated), adapter = the raw weights
+        torch.testing.assert_close(best[name], value, rtol=0, atol=0, msg=name)
+    assert any(not torch.equal(raw[name], value) for name, value in shadow.items())
+
+    original = loop.BCEDiceLoss.forward
+    calls = {"n": 0}
+
+    def crash_in_epoch_2(self, logits, targets):  # 2 loss calls per step; die during step 8 of 10
+        calls["n"] += 1
+        if calls["n"] == 2 * 7 + 1:
+            raise KeyboardInterrupt("simulated interruption")
+        return original(self, logits, targets)
+
+    monkeypatch.setattr(loop.BCEDiceLoss, "forward", crash_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg, disc_dataset, tmp_path / "part")
+    monkeypatch.setattr(loop.BCEDiceLoss, "forward", original)
+    run_training(cfg, disc_dataset, tmp_path / "part", resume=True)
+    resumed = load_file(str(tmp_path / "part" / "best.safetensors"))
+    for name in shadow:
+        torch.testing.assert_close(resumed[name], best[name], rtol=0, atol=1e-6, msg=name)
+
+
 def test_cli_train_then_evaluate_writes_a_report(disc_dataset, tmp_path, capsys):
     from imedsam.cli import main
 

@@ -43,6 +43,8 @@ class OptimSettings(_Strict):
     bce_weight: float = 0.5
     dice_weight: float = 0.5
     grad_clip: float | None = 1.0
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="validate and keep an exponential moving "
+                                                                  "average of the weights (e.g. 0.98); null: off")
     max_steps: int | None = Field(None, description="stop after this many optimizer steps (smoke tests)")
 
     @model_validator(mode="after")

@@ -13,6 +13,7 @@ import logging
 import math
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from imedsam.errors import ImedsamError
 from imedsam.runtime import autocast, autocast_dtype, resolve_device
 from imedsam.train import checkpoint as ckpt
 from imedsam.train.config import TrainConfig, config_to_dict
+from imedsam.train.ema import ParameterEMA
 from imedsam.train.losses import BCEDiceLoss, coarse_weight
 
 log = logging.getLogger(__name__)
@@ -93,6 +95,7 @@ def train(system, train_set, val_fn, cfg: TrainConfig, run_dir: Path, *, resume:
         total_steps = min(total_steps, cfg.optim.max_steps)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     criterion = BCEDiceLoss(cfg.optim.bce_weight, cfg.optim.dice_weight)
+    ema = ParameterEMA(system, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
 
     start_epoch, step, best, history = 0, 0, None, []
     state_path = run_dir / ckpt.STATE_FILE
@@ -102,6 +105,10 @@ def train(system, train_set, val_fn, cfg: TrainConfig, run_dir: Path, *, resume:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
+        if ema is not None:
+            if "ema" not in state:
+                raise ImedsamError(f"--resume: {run_dir} was trained without optim.ema_decay; resume it without")
+            ema.load_state_dict(state["ema"])
         start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
         best = None if state["best"] is None else float(state["best"])
         history = json.loads(state["history"])
@@ -146,6 +153,8 @@ def train(system, train_set, val_fn, cfg: TrainConfig, run_dir: Path, *, resume:
                                                cfg.optim.grad_clip)
             optimizer.step()
             scheduler.step()
+            if ema is not None:
+                ema.update()
             step += 1
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
@@ -154,17 +163,19 @@ def train(system, train_set, val_fn, cfg: TrainConfig, run_dir: Path, *, resume:
                   "seconds": round(time.perf_counter() - started, 1)}
         if val_fn is not None and ((epoch + 1) % cfg.run.val_every == 0 or epoch + 1 == cfg.optim.epochs):
             system.eval()
-            val = val_fn(system)
-            record["val"] = val
-            if best is None or val["dice"] > best:
-                best = float(val["dice"])
-                system.save_trainable(run_dir / ckpt.BEST_ADAPTER_FILE, config_to_dict(cfg))
+            with ema.applied() if ema is not None else nullcontext():  # validate and keep the average
+                val = val_fn(system)
+                record["val"] = val
+                if best is None or val["dice"] > best:
+                    best = float(val["dice"])
+                    system.save_trainable(run_dir / ckpt.BEST_ADAPTER_FILE, config_to_dict(cfg))
         history.append(record)
         log.info("epoch %d: %s", epoch + 1, json.dumps(record))
         # weights first, then the state that points at them: a crash in between resumes from the older state
         system.save_trainable(run_dir / ckpt.ADAPTER_FILE, config_to_dict(cfg))
         ckpt.save_train_state(state_path, {
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": ckpt.rng_state(),
-            "epoch": epoch, "step": step, "best": best, "history": json.dumps(history)})
+            "epoch": epoch, "step": step, "best": best, "history": json.dumps(history),
+            **({"ema": ema.state_dict()} if ema is not None else {})})
     return TrainResult(run_dir=run_dir, epochs_done=len(history), best_score=best, history=history,
                        seconds=time.perf_counter() - started)

@@ -49,6 +49,25 @@ def _weights(run_dir):
     return load_file(str(run_dir / "adapter.safetensors"))
 
 
+def _interrupted_run(cfg, data, run_dir, monkeypatch, step: int) -> None:
+    """Start a run and kill it (KeyboardInterrupt) during optimizer step ``step`` (1-based)."""
+    from imedsam.train import loop
+
+    calls = {"n": 0}
+    original = loop.BCEDiceLoss.forward
+
+    def crash(self, logits, targets):  # 2 loss calls per step: die in the first call of that step
+        calls["n"] += 1
+        if calls["n"] == 2 * (step - 1) + 1:
+            raise KeyboardInterrupt("simulated interruption")
+        return original(self, logits, targets)
+
+    monkeypatch.setattr(loop.BCEDiceLoss, "forward", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg, data, run_dir)
+    monkeypatch.setattr(loop.BCEDiceLoss, "forward", original)
+
+
 def test_training_decreases_loss_and_writes_a_run(disc_dataset, tmp_path):
     torch.set_num_threads(1)
     cfg = _config(**{"optim.epochs": 6, "run.val_every": 3})
@@ -76,22 +95,7 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(disc_dataset
     torch.set_num_threads(1)
     cfg = _config(**{"optim.epochs": 3, "run.val_every": 10})
     full = run_training(cfg, disc_dataset, tmp_path / "full")
-
-    from imedsam.train import loop
-
-    calls = {"n": 0}
-    original = loop.BCEDiceLoss.forward
-
-    def crash_in_epoch_3(self, logits, targets):  # 2 loss calls per step; die during step 12 of 15
-        calls["n"] += 1
-        if calls["n"] == 2 * 11 + 1:
-            raise KeyboardInterrupt("simulated interruption")
-        return original(self, logits, targets)
-
-    monkeypatch.setattr(loop.BCEDiceLoss, "forward", crash_in_epoch_3)
-    with pytest.raises(KeyboardInterrupt):
-        run_training(cfg, disc_dataset, tmp_path / "part")
-    monkeypatch.setattr(loop.BCEDiceLoss, "forward", original)
+    _interrupted_run(cfg, disc_dataset, tmp_path / "part", monkeypatch, step=12)  # step 12 of 15: epoch 3
     state = torch.load(tmp_path / "part" / "train_state.pt", weights_only=True)
     assert int(state["epoch"]) == 1  # epochs 1 and 2 (0-based 0, 1) were saved before the crash
     resumed = run_training(cfg, disc_dataset, tmp_path / "part", resume=True)
@@ -105,8 +109,6 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(disc_dataset
 def test_ema_run_keeps_the_average_as_best_and_resumes_exactly(disc_dataset, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from imedsam.train import loop
-
     torch.set_num_threads(1)
     cfg = _config(**{"optim.epochs": 2, "run.val_every": 10, "optim.ema_decay": 0.9})  # validated at the end only
     full = run_training(cfg, disc_dataset, tmp_path / "full")
@@ -118,19 +120,7 @@ def test_ema_run_keeps_the_average_as_best_and_resumes_exactly(disc_dataset, tmp
         torch.testing.assert_close(best[name], value, rtol=0, atol=0, msg=name)
     assert any(not torch.equal(raw[name], value) for name, value in shadow.items())
 
-    original = loop.BCEDiceLoss.forward
-    calls = {"n": 0}
-
-    def crash_in_epoch_2(self, logits, targets):  # 2 loss calls per step; die during step 8 of 10
-        calls["n"] += 1
-        if calls["n"] == 2 * 7 + 1:
-            raise KeyboardInterrupt("simulated interruption")
-        return original(self, logits, targets)
-
-    monkeypatch.setattr(loop.BCEDiceLoss, "forward", crash_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        run_training(cfg, disc_dataset, tmp_path / "part")
-    monkeypatch.setattr(loop.BCEDiceLoss, "forward", original)
+    _interrupted_run(cfg, disc_dataset, tmp_path / "part", monkeypatch, step=8)  # step 8 of 10: epoch 2
     run_training(cfg, disc_dataset, tmp_path / "part", resume=True)
     resumed = load_file(str(tmp_path / "part" / "best.safetensors"))
     for name in shadow:

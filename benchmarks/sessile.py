@@ -39,19 +39,17 @@ def select_tta(system, cases, device) -> tuple[str, dict]:
     """Choose the flip test-time augmentation on ``cases`` (val): mean Dice of each candidate, the best (the
     fewest views on ties). Every image is encoded once per view; the candidates average prefixes of the views."""
     import numpy as np
-    import torch
 
     from imedsam.evaluate.metrics import binary_metrics
     from imedsam.evaluate.protocol import view_logits
-    from imedsam.infer.tta import parse_tta
+    from imedsam.infer.tta import mean_over_views, parse_tta
 
     views = parse_tta(TTA_CANDIDATES[-1])
     dice = {name: [] for name in TTA_CANDIDATES}
     for case in cases:
         logits = view_logits(system, case, sizes=[None], device=device, views=views)[0]
         for n_views, name in enumerate(TTA_CANDIDATES, start=1):
-            mean = torch.stack(logits[:n_views]).mean(0)
-            dice[name].append(binary_metrics((mean > 0).numpy(), case.gt)["dice"])
+            dice[name].append(binary_metrics((mean_over_views(logits[:n_views]) > 0).numpy(), case.gt)["dice"])
     means = {name: round(float(np.mean(v)), 4) for name, v in dice.items()}
     return max(TTA_CANDIDATES, key=lambda name: (means[name], -len(name))), means
 

@@ -35,7 +35,6 @@ def run_evaluation(*, run: str | None, model: str | None, checkpoint: str | None
     from imedsam.train.api import dataset_cases
 
     views = parse_tta(tta)
-    conventions(nsd_tolerance=nsd_tolerance, empty_policy=empty_policy)  # checks both before any work
     index = discover(data)
     if split not in index.counts():
         raise ImedsamError(f"--split: {data} has no {split!r} split (it has {sorted(index.counts())})")
@@ -44,7 +43,8 @@ def run_evaluation(*, run: str | None, model: str | None, checkpoint: str | None
     if gt_dir is not None:
         load_gt_dir(cases, gt_dir)
     spacing = next((c.spacing for c in cases if c.spacing is not None), None)  # distances in mm where known
-    metric_conventions = conventions(spacing=spacing, nsd_tolerance=nsd_tolerance, empty_policy=empty_policy)
+    metric_conventions = conventions(  # also checks both options before the model is built
+        spacing=spacing, nsd_tolerance=nsd_tolerance, empty_policy=empty_policy)
     dev = resolve_device(device)
     amp = autocast_dtype(dev, precision)
     system = build_system("imedsam", adapter=run) if run else build_system(model, checkpoint=checkpoint)

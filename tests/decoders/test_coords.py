@@ -14,6 +14,7 @@ from imedsam.decoders.coords import (
     bilinear_taps,
     flat_index_coords,
     grid_coords,
+    linear_interp_matrix,
     sample_features,
 )
 from imedsam.errors import ImedsamError
@@ -80,6 +81,17 @@ def test_bilinear_taps_equal_grid_sample():
     ref = sample_features(feat, pts.unsqueeze(0))[0]
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(weight.sum(1), torch.ones(500))
+
+
+@pytest.mark.parametrize(("out_len", "length"), [(384, 24), (17, 5), (1, 6), (7, 1), (5, 11)])
+def test_linear_interp_matrix_equals_interpolate(out_len, length):
+    pos = flat_index_coords(torch.arange(out_len), 1, out_len)[:, 1]  # pixel centres of an out_len axis
+    m = linear_interp_matrix(pos, length)
+    assert m.shape == (out_len, length) and (m >= 0).all() and (m > 0).sum(1).le(2).all()
+    torch.testing.assert_close(m.sum(1), torch.ones(out_len))
+    signal = torch.randn(1, 3, length, generator=torch.Generator().manual_seed(0))
+    expected = F.interpolate(signal, size=out_len, mode="linear", align_corners=False)[0]
+    torch.testing.assert_close(signal[0] @ m.t(), expected, atol=1e-6, rtol=1e-5)
 
 
 def test_paper_encoding_formula_and_order():

@@ -32,6 +32,7 @@ __all__ = [
     "bilinear_taps",
     "flat_index_coords",
     "grid_coords",
+    "linear_interp_matrix",
     "sample_features",
 ]
 
@@ -119,6 +120,16 @@ def bilinear_taps(coords: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, t
     index = torch.stack((y0 * w + x0, y0 * w + x1, y1 * w + x0, y1 * w + x1), dim=1)
     weight = torch.stack(((1 - wy) * (1 - wx), (1 - wy) * wx, wy * (1 - wx), wy * wx), dim=1)
     return index, weight
+
+
+def linear_interp_matrix(pos: torch.Tensor, length: int) -> torch.Tensor:
+    """Dense 1-D interpolation matrix (n, length), fp32: row i holds the linear-interpolation weights of the
+    normalised coordinate ``pos[i]`` on a ``length``-sample axis, in the convention of :func:`bilinear_taps`
+    (``align_corners=False``, border clamping; each row sums to 1)."""
+    points = torch.stack((torch.zeros_like(pos), pos), dim=1).float()
+    index, weight = bilinear_taps(points, 1, length)  # one row: only the first two taps carry weight
+    out = torch.zeros(len(pos), length, device=pos.device)
+    return out.scatter_add_(1, index[:, :2], weight[:, :2])
 
 
 class PaperEncoding(nn.Module):

@@ -48,15 +48,18 @@ as the plain module path up to float rounding:
 
 * BatchNorm is folded into the preceding Linear;
 * the PE part of the first coarse and fine Linear layers is applied at LOW resolution (256 channels on 24x24)
-  and the projected map is interpolated (bilinear interpolation is linear, so this is the same function); for
-  grids the encoding part is evaluated once per row and per column (every encoding column depends on one
-  coordinate). The interpolation and these terms are summed in one ``embedding_bag`` call. The U part (32
-  channels, as many pixels as a 4x coarser output) is sampled at the points and projected by a K = 32 GEMM
+  and the projected map is interpolated (bilinear interpolation is linear, so this is the same function);
+* on a whole grid (pass 1), the first coarse layer runs a block of rows at a time as ONE matrix product with
+  the ReLU fused (:mod:`imedsam.decoders.grid_rows`: interpolation and the separable encoding are factored
+  into a fixed x-side matrix and per-row y-side tables);
+* at other points (query coordinates, pass 2, adaptive decoding), the PE taps and, for grids, the encoding
+  evaluated once per row and per column (every encoding column depends on one coordinate) are summed in one
+  ``embedding_bag`` call; the U part (32 channels) is sampled at the points and projected by a K = 32 GEMM
   added in place;
 * the trunk's Linear (+ ReLU) layers run as oneDNN's fused CPU kernel where available (one write of the
   output instead of bias copy, GEMM and ReLU passes);
-* pass 1 runs over all points in chunks of ``chunk_size`` points per image (bounded memory whatever the output
-  size) and yields coarse logits + uncertainty; pass 2 runs over the selected points only and computes the
+* pass 1 runs over all points in chunks of ``chunk_size`` points per image (on grids: blocks of
+  ``max(1, chunk_size // W)`` rows; bounded memory whatever the output size) and yields coarse logits + uncertainty; pass 2 runs over the selected points only and computes the
   trunk again (or reuses it when the image fitted in one chunk), the 256 coarse-feature channels and the fine
   MLP. Chunking does not change the result;
 * cost with the default widths: about 0.54 M MACs per point in pass 1 (the 1024x512 layer dominates) plus
@@ -94,6 +97,8 @@ from imedsam.decoders.coords import (
     grid_coords,
     sample_features,
 )
+from imedsam.decoders.grid_rows import GridBasis, GridFirstLayer
+from imedsam.decoders.linear import linear as _linear
 from imedsam.errors import ImedsamError
 
 __all__ = [
@@ -252,30 +257,6 @@ class _FirstLayer(NamedTuple):
     w_u: torch.Tensor
     w_ug: torch.Tensor
     bias: torch.Tensor
-
-
-def _fused_linear_available() -> bool:
-    """Whether oneDNN's fused ``linear + bias + ReLU`` CPU kernel (the one torch.compile uses) is present."""
-    try:
-        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    except (AttributeError, RuntimeError):
-        return False
-
-
-_FUSED_LINEAR = _fused_linear_available()
-
-
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, relu: bool) -> torch.Tensor:
-    """``x @ weight.T + bias`` (then ReLU) for (n, in) points; ``weight`` (contiguous) and ``bias`` in x's dtype.
-
-    On CPU (fp32/bf16) this runs oneDNN's fused kernel: the output is written once instead of bias copy, GEMM
-    and ReLU passes over a freshly allocated (n, out) buffer (about 10-30 % of the decoder's trunk time).
-    """
-    fused = _FUSED_LINEAR and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-    if fused and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):  # exporters know aten ops only
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu" if relu else "none", [], "")
-    out = torch.addmm(bias, x, weight.t())
-    return out.relu_() if relu else out
 
 
 def _cast_layers(layers: list[tuple[torch.Tensor, torch.Tensor, bool]],
@@ -610,6 +591,11 @@ class ImplicitDecoder(nn.Module):
         k = self._k(n)
         geo = _FastGeometry(size, (h_u, w_u), (h_p, w_p), rows_p, grid_tables)
         stride = self.adaptive_stride(size, (h_u, w_u)) if cfg.adaptive and size is not None else 1
+        basis = None  # whole grids: pass 1 evaluates the first layer a block of rows at a time, as one GEMM
+        if grid_tables and stride < 2:
+            assert size is not None
+            basis = GridBasis.build(size, (h_p, w_p), (h_u, w_u), self.encoding, cfg.corner_aligned_encoding,
+                                    dtype, dev)
 
         # Images are independent (top-k is per image): pass 1, selection and pass 2 run image by image.
         for bi in range(b):
@@ -625,31 +611,50 @@ class ImplicitDecoder(nn.Module):
                 w_all, b_all = w_logit, b_logit
             w_all, b_all = w_all.to(dtype).contiguous(), b_all.to(dtype)
 
-            def pass1(points: torch.Tensor) -> torch.Tensor | None:
-                """Coarse logits (+ MC logits -> uncertainty, fp32) at flat ``points``, chunked; returns the
-                trunk output when it came in one chunk (reused in pass 2)."""
+            def emit(trunk: torch.Tensor, idx: torch.Tensor) -> None:
+                """Coarse logits (+ MC logits -> uncertainty, fp32) from the trunk output at flat ``idx``."""
+                out = _linear(trunk, w_all, b_all, relu=False).float()
+                coarse[bi, :, idx] = out[:, :c_cls].t()
+                if uncertainty is not None and masks is not None:
+                    mc = out[:, c_cls:].reshape(-1, c_cls, t_mc)
+                    uncertainty[bi, :, idx] = mc_variance(mc).t()
+
+            def pass1(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+                """:func:`emit` at flat ``points``, chunked; returns (trunk, points) when they came in one
+                chunk (the trunk is reused in pass 2)."""
                 trunk = None
                 for start in range(0, points.numel(), chunk):
                     idx = points[start : start + chunk]
                     pts = self._points(size, coords, bi, idx)
                     trunk = self._trunk_fast(first_c, u_flat, pts, idx, geo, trunk_layers)
-                    out = _linear(trunk, w_all, b_all, relu=False).float()
-                    coarse[bi, :, idx] = out[:, :c_cls].t()
-                    if uncertainty is not None and masks is not None:
-                        mc = out[:, c_cls:].reshape(-1, c_cls, t_mc)
-                        uncertainty[bi, :, idx] = mc_variance(mc).t()
-                return trunk if points.numel() <= chunk else None
+                    emit(trunk, idx)
+                return (trunk, points) if trunk is not None and points.numel() <= chunk else None
+
+            def pass1_rows() -> tuple[torch.Tensor, torch.Tensor] | None:
+                """:func:`emit` on every pixel of the grid, a block of whole rows at a time (:mod:`grid_rows`);
+                returns (trunk, flat indices) when one block covered the grid."""
+                assert size is not None and basis is not None
+                layer = GridFirstLayer(basis, pe_b, features[bi], w1_u, w1_p, w1_g, b1, dtype)
+                step = max(1, chunk // size[1])
+                for r0 in range(0, size[0], step):
+                    r1 = min(r0 + step, size[0])
+                    idx = basis.block_index(r0, r1)
+                    trunk = _run_layers(layer.rows(r0, r1), trunk_layers)
+                    emit(trunk, idx)
+                return (trunk, idx) if step >= size[0] else None
 
             # Pass 1: every point (or, adaptive, the lattice + the cells near the boundary).
-            cache: torch.Tensor | None = None
+            cache = None  # (trunk, flat indices) when the whole image came in one chunk: reused in pass 2
             if stride >= 2:
                 assert size is not None
                 prior_b = prior_logits[bi] if prior_logits is not None else None
                 self._adaptive_pass1(pass1, size, stride, bi, coarse, uncertainty, prior_b)
             else:
-                trunk = pass1(torch.arange(n, device=dev))
-                if refine:
-                    cache = trunk  # the whole image fitted in one chunk: reuse the trunk in pass 2
+                cache = pass1_rows() if basis is not None else pass1(torch.arange(n, device=dev))
+            cache_pos = None
+            if cache is not None and refine:  # position of every flat index in the cached trunk
+                cache_pos = torch.empty(n, dtype=torch.long, device=dev)
+                cache_pos[cache[1]] = torch.arange(n, device=dev)
             fine[bi] = coarse[bi]
             if uncertainty is None or selected is None:
                 continue
@@ -661,8 +666,8 @@ class ImplicitDecoder(nn.Module):
             for start in range(0, union.numel(), chunk):
                 idx = union[start : start + chunk]
                 pts = self._points(size, coords, bi, idx)
-                if cache is not None:
-                    trunk = cache[idx]
+                if cache is not None and cache_pos is not None:
+                    trunk = cache[0][cache_pos[idx]]
                 else:
                     trunk = self._trunk_fast(first_c, u_flat, pts, idx, geo, trunk_layers)
                 pre_f = self._first_layer_fast(first_f, u_flat, pts, idx, geo)

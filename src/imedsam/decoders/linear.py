@@ -1,0 +1,32 @@
+"""One dense layer ``x @ W.T + b`` (then ReLU) for the implicit decoder's inference path, fused on CPU."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["linear"]
+
+
+def _fused_linear_available() -> bool:
+    """Whether oneDNN's fused ``linear + bias + ReLU`` CPU kernel (the one torch.compile uses) is present."""
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_FUSED_LINEAR = _fused_linear_available()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool) -> torch.Tensor:
+    """``x @ weight.T + bias`` (then ReLU) for ``x`` (n, in); ``weight`` (out, in), contiguous, and ``bias``
+    (out,) or None, both in x's dtype. Returns (n, out).
+
+    On CPU (fp32/bf16) this runs oneDNN's fused kernel: the output is written once instead of bias copy, GEMM
+    and ReLU passes over a freshly allocated (n, out) buffer (about 10-30 % of the decoder's trunk time).
+    """
+    fused = _FUSED_LINEAR and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+    if fused and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):  # exporters know aten ops only
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu" if relu else "none", [], "")
+    out = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
+    return out.relu_() if relu else out

@@ -25,6 +25,17 @@ def test_any_output_grid_and_uncertainty(backbone):
     np.testing.assert_array_equal(big.uncertainty, again.uncertainty)  # seeded
 
 
+@pytest.mark.parametrize("peft", [dict(frequency=False), dict(lora_rank=0), dict(frequency=False, lora_rank=0)])
+def test_predicts_without_either_adapter(peft):
+    """Ablations: LoRA alone, the frequency adapter alone, neither (the padded input reaches only the FA)."""
+    torch.manual_seed(0)
+    config = ModelConfig(backbone="tiny_vit_test", img_size=64, peft=PeftSettings(**peft))
+    seg = Segmenter(build_imedsam(config=config, pretrained=False), device="cpu", precision="fp32")
+    seg.set_image(np.random.default_rng(0).integers(0, 255, (37, 53, 3), dtype=np.uint8))
+    pred = seg.predict(box=(5, 5, 30, 30), uncertainty=True)
+    assert pred.masks.shape == (1, 37, 53) and np.isfinite(pred.uncertainty).all()
+
+
 def test_reference_mode_vit_b_has_the_papers_parameter_count():
     counts = imedsam_parameter_breakdown("sam_vit_b", "reference", img_size=384)
     assert counts["total_trainable"] == 1_595_742

@@ -99,7 +99,11 @@ class IMedSAM(SegmentationSystem):
 
     # ----------------------------------------------------------------- shared trunk
     def encode(self, images: torch.Tensor, valid_hw=None) -> torch.Tensor:
-        return self.image_encoder(images, valid_hw) if valid_hw is not None else self.image_encoder(images)
+        """(B, 3, S, S) -> (B, C, h, w); ``valid_hw`` (the un-padded size) reaches the frequency branch, the only
+        part that must ignore the padding (without it, ``peft.frequency=false``, it is not needed)."""
+        if valid_hw is not None and self.config.peft.frequency:
+            return self.image_encoder(images, valid_hw)
+        return self.image_encoder(images)
 
     def _features(self, embeddings: torch.Tensor,
                   prompts: Prompts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

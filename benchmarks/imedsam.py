@@ -201,6 +201,9 @@ def compare_revisions(args: argparse.Namespace, precisions: list[str]) -> None:
 
     with tempfile.TemporaryDirectory(prefix="imedsam-against-") as tmp:
         other = Path(tmp) / "tree"
+        if (ROOT.parent / "shared").is_dir():  # the revision finds the data where this tree does (../shared)
+            (Path(tmp) / "shared").symlink_to(ROOT.parent / "shared")
+        run = str(Path(args.run).resolve())
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(other), args.against],
                        check=True)
         try:
@@ -212,7 +215,7 @@ def compare_revisions(args: argparse.Namespace, precisions: list[str]) -> None:
                             env = dict(os.environ, THP_MEM_ALLOC_ENABLE="1", PYTHONPATH=str(tree / "src"))
                             proc = subprocess.run(
                                 [sys.executable, str(tree / "benchmarks" / "imedsam.py"), "--one", name,
-                                 "--threads", str(args.threads), "--precisions", precision, "--run", args.run],
+                                 "--threads", str(args.threads), "--precisions", precision, "--run", run],
                                 env=env, capture_output=True, text=True, check=False)
                             lines = proc.stdout.strip().splitlines()
                             record = (json.loads(lines[-1]) if proc.returncode == 0 and lines

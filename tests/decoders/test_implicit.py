@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from imedsam.decoders.coords import grid_coords, sample_features
+from imedsam.decoders.grid_rows import GridFirstLayer
 from imedsam.decoders.implicit import (
     ImplicitDecoder,
     ImplicitDecoderConfig,
@@ -118,8 +119,9 @@ def test_multiclass_shapes_and_per_class_selection():
 
 @pytest.mark.parametrize("mode", ["paper", "reference"])
 @pytest.mark.parametrize("pe_batch", [1, 2])
-def test_fast_path_equals_plain_path_grid(mode, pe_batch):
-    model = make(mode)
+@pytest.mark.parametrize("row_gemm", [True, False])
+def test_fast_path_equals_plain_path_grid(mode, pe_batch, row_gemm):
+    model = make(mode, row_gemm=row_gemm)
     feats, pe = inputs(pe_batch=pe_batch)
     assert_same(model(feats, pe, size=(17, 23)), model(feats, pe, size=(17, 23), fast=False))
 
@@ -132,8 +134,9 @@ def test_fast_path_equals_plain_path_coords(mode):
     assert_same(model(feats, pe, coords=pts), model(feats, pe, coords=pts, fast=False))
 
 
-def test_fast_path_corner_aligned_reference_encoding():
-    model = make("reference", corner_aligned_encoding=True)
+@pytest.mark.parametrize("row_gemm", [True, False])
+def test_fast_path_corner_aligned_reference_encoding(row_gemm):
+    model = make("reference", corner_aligned_encoding=True, row_gemm=row_gemm)
     feats, pe = inputs()
     assert_same(model(feats, pe, size=(11, 7)), model(feats, pe, size=(11, 7), fast=False))
 
@@ -198,10 +201,12 @@ def test_batchnorm_folding_matches_modules():
 
 @pytest.mark.parametrize("mode", ["paper", "reference"])
 @pytest.mark.parametrize("chunk", [1, 7, 64])
-def test_chunked_equals_unchunked(mode, chunk):
+@pytest.mark.parametrize("row_gemm", [True, False])
+def test_chunked_equals_unchunked(mode, chunk, row_gemm):
     feats, pe = inputs()
-    whole = make(mode, chunk_size=10_000)(feats, pe, size=(17, 23))  # one chunk: trunk cached for pass 2
-    chunked = make(mode, chunk_size=chunk)(feats, pe, size=(17, 23))  # many chunks: trunk recomputed
+    # one chunk: trunk cached for pass 2; many chunks (row blocks of 1 or 2 rows with row_gemm): recomputed
+    whole = make(mode, chunk_size=10_000, row_gemm=row_gemm)(feats, pe, size=(17, 23))
+    chunked = make(mode, chunk_size=chunk, row_gemm=row_gemm)(feats, pe, size=(17, 23))
     assert_same(whole, chunked, atol=1e-6)
 
 
@@ -305,12 +310,18 @@ def test_model_topk_per_image_with_unequal_uncertainty():
 # ---------------------------------------------------------------- autocast
 
 
-def test_bf16_autocast_runs_and_stays_close():
-    model = make()
+@pytest.mark.parametrize("row_gemm", [None, False])  # None: the row GEMM, on by default in bf16
+def test_bf16_autocast_runs_and_stays_close(row_gemm, monkeypatch):
+    model = make(row_gemm=row_gemm)
     feats, pe = inputs()
+    calls = []
+    rows = GridFirstLayer.rows
+    monkeypatch.setattr(GridFirstLayer, "rows", lambda self, r0, r1: calls.append(r0) or rows(self, r0, r1))
     ref = model(feats, pe, size=(17, 23))
+    assert not calls  # fp32: per-pixel taps
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(feats, pe, size=(17, 23))
+    assert bool(calls) == (row_gemm is None)
     assert out.fine_logits.dtype == torch.float32 and out.uncertainty.dtype == torch.float32
     torch.testing.assert_close(out.coarse_logits, ref.coarse_logits, atol=0.15, rtol=0.05)
 

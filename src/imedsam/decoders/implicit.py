@@ -684,11 +684,14 @@ class ImplicitDecoder(nn.Module):
                     rows = sel_b[c, idx]
                     if not bool(rows.any()):
                         continue
+                    if bool(rows.all()):  # e.g. one class: no row selection (a masked copy costs more)
+                        trunk_c, pre_c, idx_c = trunk, pre_f, idx
+                    else:
+                        trunk_c, pre_c, idx_c = trunk[rows], pre_f[rows], idx[rows]
                     # the coarse-feature columns of the head, at the selected points only
-                    feat = _linear(trunk[rows], w_feat[c], b_feat[c], relu=False)
-                    x = torch.addmm(pre_f[rows], feat, wf_c_t).relu_()
-                    x = _run_layers(x, fine_rest[c])
-                    fine[bi, c, idx[rows]] = x[:, 0].float()
+                    feat = _linear(trunk_c, w_feat[c], b_feat[c], relu=False)
+                    x = _run_layers(torch.addmm(pre_c, feat, wf_c_t).relu_(), fine_rest[c])
+                    fine[bi, c, idx_c] = x[:, 0].float()
         return ImplicitOutput(coarse, fine, uncertainty, selected)
 
     @staticmethod

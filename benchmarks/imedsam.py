@@ -2,8 +2,9 @@
 
 Figures (each in its own subprocess, peak RSS is the process's):
 * ``infer``: one image end to end (encoder + prompt + implicit decoder) at an output grid, paper mode; grids up
-  to 1024^2: median of 5 runs after a warm-up run, larger grids: one run; frozen weights are stored in the
-  autocast dtype once, as :class:`imedsam.Segmenter` and ``imedsam evaluate`` do;
+  to 1024^2: median of 5 runs after a warm-up run (``min_seconds``/``max_seconds``: their range), larger
+  grids: one run; frozen weights are stored in the autocast dtype once, as :class:`imedsam.Segmenter` and
+  ``imedsam evaluate`` do;
 * ``train_step``: one optimizer step, batch 1, ``points`` sampled query points per image;
 * ``decode_only``: the implicit decoder alone at large grids (2048^2, 4096^2) with bounded memory;
 * ``trained_decode``: a TRAINED I-MedSAM on LiteMedSAM (``--run``, default ``runs/sessile``, made by
@@ -90,6 +91,14 @@ def trained_decode(case: dict, run: Path, result: dict, amp) -> dict:
             "dice_adaptive_vs_exact": round(float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1)), 5)}
 
 
+def _cpu_flag(flag: str) -> bool:
+    """Whether /proc/cpuinfo lists ``flag`` (oneDNN runs bf16 matrix products on AMX tiles when it does)."""
+    try:
+        return flag in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+
+
 def run_case(name: str, threads: int, precision: str, run: Path | None = None) -> dict:
     import resource
     import time
@@ -109,7 +118,7 @@ def run_case(name: str, threads: int, precision: str, run: Path | None = None) -
     cpu = torch.device("cpu")
     amp = autocast_dtype(cpu, precision)
     head = {"benchmark": "imedsam", "case": name, **case, "threads": threads, "precision": precision,
-            "cpu_native_bf16": cpu_has_fast_bf16(), "mode": "paper"}
+            "cpu_native_bf16": cpu_has_fast_bf16(), "cpu_amx_bf16": _cpu_flag("amx_bf16"), "mode": "paper"}
     if case["kind"] == "trained_decode":
         result = trained_decode(case, run or ROOT / "runs" / "sessile", head, amp)
         result["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2)
@@ -136,6 +145,7 @@ def run_case(name: str, threads: int, precision: str, run: Path | None = None) -
         total, enc = timed[len(timed) // 2]  # median of the timed runs
         result.update(seconds_per_image=round(total, 3), encoder_seconds=round(enc, 3),
                       decoder_seconds=round(total - enc, 3), timed_runs=len(timed),
+                      min_seconds=round(timed[0][0], 3), max_seconds=round(timed[-1][0], 3),
                       output=list(out.logits.shape[-2:]))
     else:
         system.train()

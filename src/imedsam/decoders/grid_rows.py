@@ -22,8 +22,9 @@ matrix product ``A [B_{y_0} | ... | B_{y_{R-1}}]`` of shape (W, R D) with the Re
 as (W, R, D): points in x-major order. It replaces per-pixel interpolation taps (six 1024-wide rows gathered
 per pixel), the U projection and the separate ReLU pass: about 3x less time for the 1024-wide coarse layer of
 a 384^2 grid in bf16 on 2 CPU cores. In fp32 the dense product (K times more multiply-adds than taps) is slower
-than the taps there, so the decoder uses it in bf16/fp16 only (``ImplicitDecoderConfig.row_gemm``). ``K`` (about 150 for the defaults: 24 + 96 + 21 + 1) is padded to a multiple of
-16 with zero columns (oneDNN's bf16 kernels are much faster on aligned K).
+than the taps there, so the decoder uses it in bf16/fp16 only (``ImplicitDecoderConfig.row_gemm``). ``K``
+(about 150 for the defaults: 24 + 96 + 21 + 1) is padded to a multiple of 16 with zero columns (oneDNN's bf16
+kernels are much faster on aligned K).
 
 The values equal the per-point path up to float rounding (the interpolation weights and ``D_x`` enter the
 product in the compute dtype; in bf16 they round like the feature tables already do).

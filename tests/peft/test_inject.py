@@ -173,7 +173,9 @@ def test_frozen_batchnorm_never_updates() -> None:
     model = inject_adapters(enc, PeftConfig(fa_scale=0.0)).train()
     with torch.no_grad():
         out = model(x)
-    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)  # train mode = running statistics
+    # train mode = running statistics (batch statistics would differ by O(1); eval folds BN into the convs,
+    # the first train-mode call does not: float rounding apart)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     for n, b in model.encoder.named_buffers():
         if "running" in n:
             assert torch.equal(b, bn_before[n]), n

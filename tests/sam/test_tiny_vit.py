@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from imedsam.errors import ImedsamError
-from imedsam.sam.tiny_vit import TinyViT, TinyViTAttention
+from imedsam.sam.tiny_vit import Conv2dBN, TinyViT, TinyViTAttention
 from tests.reference import single_thread
 
 SMALL = dict(embed_dims=(16, 24, 32, 40), depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4), window_sizes=(7, 5, 6, 7),
@@ -111,3 +111,46 @@ def test_parity_with_official_litemedsam_tinyvit() -> None:
         got = ours(x)
     assert got.shape == want.shape == (1, 256, 64, 64)
     assert (got - want).abs().max().item() <= 1e-4
+
+
+def _conv_bn(groups: int = 1) -> Conv2dBN:
+    torch.manual_seed(0)
+    layer = Conv2dBN(8, 8, 3, 1, 1, groups=groups)
+    layer.bn.running_mean.normal_(0, 0.5)
+    layer.bn.running_var.uniform_(0.5, 2.0)
+    layer.bn.weight.data.uniform_(0.5, 1.5)
+    layer.bn.bias.data.normal_(0, 0.3)
+    return layer
+
+
+def _unfolded(layer: Conv2dBN, x: torch.Tensor) -> torch.Tensor:
+    return layer.bn(layer.c(x))  # the two modules one after the other
+
+
+@pytest.mark.parametrize("groups", [1, 8])
+def test_conv_bn_folds_in_eval_and_follows_weight_changes(groups):
+    layer = _conv_bn(groups).eval()
+    x = torch.randn(2, 8, 9, 7)
+    layer(x)
+    assert layer._folded is None  # trainable weights with gradients on: the modules run as they are
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), _unfolded(layer, x), atol=1e-5, rtol=1e-5)
+        assert layer._folded is not None  # inference: the folded path ran
+        layer.c.weight.mul_(2.0)  # e.g. load_state_dict: the cache follows
+        layer.bn.running_var.add_(1.0)
+        torch.testing.assert_close(layer(x), _unfolded(layer, x), atol=1e-5, rtol=1e-5)
+
+
+def test_conv_bn_trains_with_batch_statistics_and_frozen_layers_pass_gradients():
+    layer = _conv_bn().train()
+    x = torch.randn(4, 8, 5, 5)
+    mean = layer.bn.running_mean.clone()
+    out = layer(x)  # training: batch statistics, running statistics updated
+    assert torch.allclose(out.mean(dim=(0, 2, 3)), layer.bn.bias.detach(), atol=1e-5)
+    assert not torch.equal(layer.bn.running_mean, mean)
+    frozen = _conv_bn().eval().requires_grad_(False)  # a frozen backbone layer while adapters train
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    frozen(x).square().sum().backward()
+    y = x.detach().clone().requires_grad_(True)
+    _unfolded(frozen, y).square().sum().backward()
+    torch.testing.assert_close(x.grad, y.grad, atol=1e-4, rtol=1e-4)

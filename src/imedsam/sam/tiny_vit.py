@@ -64,7 +64,13 @@ def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
 
 
 class Conv2dBN(nn.Sequential):
-    """Bias-free ``Conv2d`` (key ``c``) followed by ``BatchNorm2d`` (key ``bn``); (B, Cin, H, W) -> (B, Cout, H', W')."""
+    """Bias-free ``Conv2d`` (key ``c``) followed by ``BatchNorm2d`` (key ``bn``); (B, Cin, H, W) -> (B, Cout, H', W').
+
+    When the BatchNorm uses its running statistics and nothing here trains (inference, and the frozen backbone
+    while adapters train), the two run as one convolution with the BatchNorm folded into its weight and bias:
+    the same function, without a pass over the (often full-resolution) output. The folded tensors are cached
+    until any of the weights or statistics changes.
+    """
 
     def __init__(self, in_chans: int, out_chans: int, kernel_size: int = 1, stride: int = 1, padding: int = 0,
                  groups: int = 1, bn_weight_init: float = 1.0) -> None:
@@ -75,6 +81,32 @@ class Conv2dBN(nn.Sequential):
         nn.init.constant_(bn.weight, bn_weight_init)
         nn.init.zeros_(bn.bias)
         self.add_module("bn", bn)
+        self._folded: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+
+    def _foldable(self) -> bool:
+        conv, bn = self.c, self.bn
+        trainable = conv.weight.requires_grad or (bn.affine and (bn.weight.requires_grad or bn.bias.requires_grad))
+        return not bn.training and bn.track_running_stats and not (trainable and torch.is_grad_enabled())
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) of ``bn(c(x))`` in eval mode, in the conv weight's dtype (folded in fp32)."""
+        conv, bn = self.c, self.bn
+        tensors = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        key = tuple((id(t), t._version, t.dtype, t.device) for t in tensors) + (bn.eps,)
+        if self._folded is None or self._folded[0] != key:
+            with torch.inference_mode(False), torch.no_grad():  # normal tensors: usable when training too
+                scale = bn.weight.float() / torch.sqrt(bn.running_var.float() + bn.eps)
+                weight = conv.weight.float() * scale[:, None, None, None]
+                bias = bn.bias.float() - bn.running_mean.float() * scale
+            self._folded = (key, weight.to(conv.weight.dtype), bias.to(conv.weight.dtype))
+        return self._folded[1], self._folded[2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._foldable():
+            return super().forward(x)
+        conv = self.c
+        weight, bias = self.folded()
+        return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 class PatchEmbed(nn.Module):

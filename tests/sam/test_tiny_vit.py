@@ -154,3 +154,21 @@ def test_conv_bn_trains_with_batch_statistics_and_frozen_layers_pass_gradients()
     y = x.detach().clone().requires_grad_(True)
     _unfolded(frozen, y).square().sum().backward()
     torch.testing.assert_close(x.grad, y.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("groups", [1, 8])
+def test_conv_bn_gelu_fused_at_inference(approximate, groups):
+    layer, act = _conv_bn(groups).eval(), torch.nn.GELU(approximate=approximate)
+    x = torch.randn(2, 8, 9, 7).contiguous(memory_format=torch.channels_last)
+    expected = act(_unfolded(layer, x)).detach()
+    with torch.no_grad():
+        torch.testing.assert_close(layer.with_gelu(x, act), expected, atol=1e-5, rtol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer.with_gelu(x, act)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, atol=0.05, rtol=0.02)
+    x.requires_grad_(True)  # training through a frozen layer: the differentiable path
+    layer.requires_grad_(False)
+    layer.with_gelu(x, act).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

@@ -63,6 +63,17 @@ def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
     return x * mask / keep
 
 
+def _fused_conv_available() -> bool:
+    """Whether oneDNN's fused ``conv + bias + eltwise`` CPU kernel is present."""
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_FUSED_CONV = _fused_conv_available()
+
+
 class Conv2dBN(nn.Sequential):
     """Bias-free ``Conv2d`` (key ``c``) followed by ``BatchNorm2d`` (key ``bn``); (B, Cin, H, W) -> (B, Cout, H', W').
 
@@ -108,6 +119,21 @@ class Conv2dBN(nn.Sequential):
         weight, bias = self.folded()
         return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
+    def with_gelu(self, x: torch.Tensor, act: nn.GELU) -> torch.Tensor:
+        """``act(self(x))``. At inference on CPU, one oneDNN convolution with the BatchNorm folded in and the GELU
+        applied to its accumulator (exact erf or tanh, as ``act``): a full-resolution map is written once
+        instead of three times (about 3x faster for TinyViT's first stage in bf16)."""
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        if not (_FUSED_CONV and x.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+                and not (torch.is_grad_enabled() and x.requires_grad) and self._foldable()
+                and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())):
+            return act(self(x))
+        conv = self.c
+        weight, bias = self.folded()
+        return torch.ops.mkldnn._convolution_pointwise(
+            x.to(dtype), weight.to(dtype), bias.to(dtype), list(conv.padding), list(conv.stride),
+            list(conv.dilation), conv.groups, "gelu", [], act.approximate)
+
 
 class PatchEmbed(nn.Module):
     """Stem ``seq = [Conv2dBN, GELU, Conv2dBN]``: (B, in_chans, S, S) -> (B, embed_dim, S/stride, S/stride).
@@ -132,7 +158,8 @@ class PatchEmbed(nn.Module):
         # Channels-last from here on: oneDNN computes bf16 convolutions channels-last, and an NCHW input makes
         # it copy every output back to NCHW (54 ms per 256-channel 256^2 map on 2 cores; the LiteMedSAM encoder
         # runs about 25 % faster in bf16). Same values; the token views of later stages are channels-last anyway.
-        return self.seq(x.contiguous(memory_format=torch.channels_last))
+        x = x.contiguous(memory_format=torch.channels_last)
+        return self.seq[2](self.seq[0].with_gelu(x, self.seq[1]))
 
 
 class MBConv(nn.Module):
@@ -150,8 +177,8 @@ class MBConv(nn.Module):
         self.drop_path_rate = drop_path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.act1(self.conv1(x))
-        y = self.act2(self.conv2(y))
+        y = self.conv1.with_gelu(x, self.act1)
+        y = self.conv2.with_gelu(y, self.act2)
         y = self.conv3(y)
         return self.act3(x + drop_path(y, self.drop_path_rate, self.training))
 
@@ -176,8 +203,8 @@ class PatchMerging(nn.Module):
         if x.ndim == 3:
             h, w = self.input_resolution
             x = x.transpose(1, 2).reshape(x.shape[0], -1, h, w)
-        x = self.act(self.conv1(x))
-        x = self.act(self.conv2(x))
+        x = self.conv1.with_gelu(x, self.act)
+        x = self.conv2.with_gelu(x, self.act)
         x = self.conv3(x)
         return x.flatten(2).transpose(1, 2)
 

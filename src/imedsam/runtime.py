@@ -110,6 +110,15 @@ def prepare_for_inference(module: torch.nn.Module, device: torch.device,
     return module
 
 
+def onednn_op_available(name: str) -> bool:
+    """Whether oneDNN's fused CPU kernel ``torch.ops.mkldnn.<name>`` (e.g. ``_linear_pointwise``, the kernels
+    torch.compile uses) is present in this PyTorch build."""
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, name)
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def enable_fast_allocation() -> None:
     """Ask PyTorch for transparent huge pages; effective only before torch is first imported."""
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")

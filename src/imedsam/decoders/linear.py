@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from imedsam.runtime import onednn_op_available
+
 __all__ = ["linear"]
 
 
-def _fused_linear_available() -> bool:
-    """Whether oneDNN's fused ``linear + bias + ReLU`` CPU kernel (the one torch.compile uses) is present."""
-    try:
-        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    except (AttributeError, RuntimeError):
-        return False
-
-
-_FUSED_LINEAR = _fused_linear_available()
+_FUSED_LINEAR = onednn_op_available("_linear_pointwise")
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool) -> torch.Tensor:

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imedsam.errors import ImedsamError
+from imedsam.runtime import onednn_op_available
 from imedsam.sam.common import LayerNorm2d
 
 __all__ = [
@@ -63,15 +64,7 @@ def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
     return x * mask / keep
 
 
-def _fused_conv_available() -> bool:
-    """Whether oneDNN's fused ``conv + bias + eltwise`` CPU kernel is present."""
-    try:
-        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-    except (AttributeError, RuntimeError):
-        return False
-
-
-_FUSED_CONV = _fused_conv_available()
+_FUSED_CONV = onednn_op_available("_convolution_pointwise")
 
 
 class Conv2dBN(nn.Sequential):

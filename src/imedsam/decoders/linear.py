@@ -8,7 +8,6 @@ from imedsam.runtime import onednn_op_available
 
 __all__ = ["linear"]
 
-
 _FUSED_LINEAR = onednn_op_available("_linear_pointwise")
 
 

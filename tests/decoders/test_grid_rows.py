@@ -5,8 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from imedsam.decoders.coords import PaperEncoding, ReferenceEncoding, grid_coords, sample_features
+from imedsam.decoders.coords import PaperEncoding, ReferenceEncoding, flat_index_coords, grid_coords, sample_features
 from imedsam.decoders.grid_rows import GridBasis, GridFirstLayer
+
+
+def make_layer(basis, u, pe, w, b, encoding, corner_aligned, dtype):
+    """The layer from the parts the decoder's per-point path computes: PE projected at low resolution, row table."""
+    cf, (cp, hp, wp) = u.shape[0], pe.shape
+    pe_proj = (pe.reshape(cp, -1).t() @ w[:, cf : cf + cp].t()).reshape(hp, wp, -1)
+    hh, ww = basis.size
+    ys = flat_index_coords(torch.arange(hh) * ww, hh, ww, corner_aligned=corner_aligned)  # x = x_0
+    row_table = encoding(ys) @ w[:, cf + cp :].t() + b
+    return GridFirstLayer(basis, pe_proj, u, w[:, :cf], w[:, cf + cp :], row_table, dtype)
 
 
 def naive_first_layer(u, pe, encoding, w, b, size, corner_aligned):
@@ -31,7 +41,7 @@ def test_rows_equal_the_per_point_first_layer(size, encoding, corner_aligned, st
 
     basis = GridBasis.build(size, (3, 4), (6, 8), encoding, corner_aligned, torch.float32, torch.device("cpu"))
     assert basis.a.shape[1] % 16 == 0  # K padded for the GEMM kernels
-    layer = GridFirstLayer(basis, pe, u, w[:, :cf], w[:, cf : cf + cp], w[:, cf + cp :], b, torch.float32)
+    layer = make_layer(basis, u, pe, w, b, encoding, corner_aligned, torch.float32)
     out = torch.empty_like(expected)
     seen = torch.zeros(size[0] * size[1], dtype=torch.int64)
     for r0 in range(0, size[0], step):
@@ -52,7 +62,7 @@ def test_rows_in_bf16_stay_close():
     size = (96, 96)
     expected = naive_first_layer(u, pe, enc, w, b, size, False)
     basis = GridBasis.build(size, (6, 6), (24, 24), enc, False, torch.bfloat16, torch.device("cpu"))
-    layer = GridFirstLayer(basis, pe, u, w[:, :32], w[:, 32:48], w[:, 48:], b, torch.bfloat16)
+    layer = make_layer(basis, u, pe, w, b, enc, False, torch.bfloat16)
     out = torch.empty_like(expected)
     out[basis.block_index(0, 96)] = layer.rows(0, 96).float()
     assert (out - expected).abs().max() < 0.015 * expected.abs().max()  # bf16 rounding: about 0.5 %

@@ -50,9 +50,9 @@ class GridBasis:
     """What an ``H x W`` output grid shares across images and MLPs.
 
     ``a`` (W, K) in the compute dtype: ``[M_x^PE | M_x^U | D_x | 1 | 0]``; ``my_pe`` (H, h') and ``my_u``
-    (H, h) fp32: the y interpolation matrices; ``enc_x_cols`` (G',) the encoding columns that vary with x;
-    ``enc_y`` (H, G) fp32: ``gamma(y, x_0)`` for every row. Features are sampled at pixel centres; the encoding
-    is evaluated at pixel centres or, with ``corner_aligned``, at the official linspace grid.
+    (H, h) fp32: the y interpolation matrices; ``enc_x_cols`` (G',) the encoding columns that vary with x.
+    Features are sampled at pixel centres; the encoding is evaluated at pixel centres or, with
+    ``corner_aligned``, at the official linspace grid.
     """
 
     size: tuple[int, int]
@@ -60,7 +60,6 @@ class GridBasis:
     my_pe: torch.Tensor
     my_u: torch.Tensor
     enc_x_cols: torch.Tensor
-    enc_y: torch.Tensor
 
     @classmethod
     def build(cls, size: tuple[int, int], hw_pe: tuple[int, int], hw_u: tuple[int, int], encoding: nn.Module,
@@ -69,7 +68,6 @@ class GridBasis:
         with torch.autocast(device.type, enabled=False):
             ys = flat_index_coords(torch.arange(hh, device=device) * ww, hh, ww)[:, 0]  # pixel centres
             xs = flat_index_coords(torch.arange(ww, device=device), hh, ww)[:, 1]
-            enc_ys = flat_index_coords(torch.arange(hh, device=device) * ww, hh, ww, corner_aligned=corner_aligned)
             enc_xs = flat_index_coords(torch.arange(ww, device=device), hh, ww, corner_aligned=corner_aligned)
             enc_x = encoding(enc_xs)  # (W, G) at y = y_0
             delta = enc_x - enc_x[:1]
@@ -79,8 +77,7 @@ class GridBasis:
             k = sum(p.shape[1] for p in parts)
             parts.append(torch.zeros(ww, -k % _K_ALIGN, device=device))
             a = torch.cat(parts, dim=1).to(dtype).contiguous()
-            return cls(size, a, linear_interp_matrix(ys, hw_pe[0]), linear_interp_matrix(ys, hw_u[0]), cols,
-                       encoding(enc_ys))
+            return cls(size, a, linear_interp_matrix(ys, hw_pe[0]), linear_interp_matrix(ys, hw_u[0]), cols)
 
     def block_index(self, r0: int, r1: int) -> torch.Tensor:
         """Row-major flat pixel indices of rows ``[r0, r1)`` in the x-major order of :meth:`GridFirstLayer.rows`."""
@@ -92,23 +89,22 @@ class GridBasis:
 class GridFirstLayer:
     """One image's first layer ``W [U || PE || gamma] + b`` (BN folded) on grid rows; see the module docstring.
 
-    ``pe`` (Cp, h', w') and ``u`` (Cf, h, w) are the image's maps; ``w_u`` (D, Cf), ``w_pe`` (D, Cp), ``w_g``
-    (D, G) and ``bias`` (D,) the fp32 weights split by input part. The PE projection and the row table are
-    computed in fp32; the per-block products run in ``dtype``.
+    The caller passes the parts it already has for the per-point path: ``pe_proj`` (h', w', D), the PE map
+    projected by ``W_PE`` at low resolution; ``row_table`` (H, D), ``r_y = W_g gamma(y, x_0) + b`` for every row
+    (the encoding at x_0 of the same grid convention as ``basis``); ``u`` (Cf, h, w) the image's features and
+    ``w_u`` (D, Cf), ``w_g`` (D, G) the weights of U and of the encoding. The per-block products run in ``dtype``.
     """
 
-    def __init__(self, basis: GridBasis, pe: torch.Tensor, u: torch.Tensor, w_u: torch.Tensor,
-                 w_pe: torch.Tensor, w_g: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype) -> None:
+    def __init__(self, basis: GridBasis, pe_proj: torch.Tensor, u: torch.Tensor, w_u: torch.Tensor,
+                 w_g: torch.Tensor, row_table: torch.Tensor, dtype: torch.dtype) -> None:
         self.basis = basis
         self.dtype = dtype
         self.dim = w_u.shape[0]
-        with torch.autocast(u.device.type, enabled=False):
-            cp, hp, wp = pe.shape
-            proj = (w_pe @ pe.float().reshape(cp, hp * wp)).reshape(self.dim, hp, wp)  # W_PE PE, low resolution
-            self.pe_cols = proj.permute(2, 1, 0).to(dtype).contiguous()  # (w', h', D)
-            self.u_cols = u.permute(2, 1, 0).to(dtype).contiguous()  # (w, h, Cf)
-            self.row_table = (basis.enc_y @ w_g.t() + bias).to(dtype)  # (H, D): r_y
-            self.w_gx = w_g[:, basis.enc_x_cols].t().to(dtype)  # (G', D)
+        wp = pe_proj.shape[1]
+        self.pe_cols = pe_proj.permute(1, 0, 2).to(dtype).contiguous()  # (w', h', D)
+        self.u_cols = u.permute(2, 1, 0).to(dtype).contiguous()  # (w, h, Cf)
+        self.row_table = row_table.to(dtype)  # (H, D): r_y
+        self.w_gx = w_g[:, basis.enc_x_cols].t().to(dtype)  # (G', D)
         self.w_u_t = w_u.t().to(dtype).contiguous()  # (Cf, D)
         # row offsets of the parts of B^T = [P ; V ; W_g'^T ; r ; 0] (K, R D), see :meth:`_weights`
         self.k_v, self.k_g = wp, wp + self.u_cols.shape[0]

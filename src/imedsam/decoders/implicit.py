@@ -59,9 +59,10 @@ as the plain module path up to float rounding:
 * the trunk's Linear (+ ReLU) layers run as oneDNN's fused CPU kernel where available (one write of the
   output instead of bias copy, GEMM and ReLU passes);
 * pass 1 runs over all points in chunks of ``chunk_size`` points per image (with ``row_gemm``: blocks of
-  ``max(1, min(chunk_size, 8192) // W)`` rows; bounded memory whatever the output size) and yields coarse logits + uncertainty; pass 2 runs over the selected points only and computes the
-  trunk again (or reuses it when the image fitted in one chunk), the 256 coarse-feature channels and the fine
-  MLP. Chunking does not change the result;
+  ``max(1, min(chunk_size, 8192) // W)`` rows; bounded memory whatever the output size) and yields coarse
+  logits + uncertainty; pass 2 runs over the selected points only and computes the trunk again (or reuses it
+  when the image fitted in one chunk), the 256 coarse-feature channels and the fine MLP. Chunking does not
+  change the result;
 * cost with the default widths: about 0.54 M MACs per point in pass 1 (the 1024x512 layer dominates) plus
   about 0.83 M per refined point in pass 2, i.e. ~0.64 M MACs per output pixel at 12.5 % (the official code:
   2.06 M), ~95 GMACs for a 384x384 grid;
@@ -130,7 +131,7 @@ class ImplicitDecoderConfig:
     ``adaptive`` (inference, grids only) evaluates pass 1 exactly only near the decision boundary: see
     :meth:`ImplicitDecoder.adaptive_stride` and the module docstring. ``row_gemm`` (inference, whole grids)
     evaluates the first coarse layer a block of rows at a time as one GEMM (:mod:`imedsam.decoders.grid_rows`);
-    ``None`` = when the compute dtype is bf16 or fp16 (on a 2-core CPU it is about 4x faster than per-pixel
+    ``None`` = when the compute dtype is bf16 or fp16 (on a 2-core CPU it is about 3x faster than per-pixel
     taps in bf16, and slower in fp32, where the GEMM rate is a quarter).
     """
 
@@ -643,7 +644,9 @@ class ImplicitDecoder(nn.Module):
                 """:func:`emit` on every pixel of the grid, a block of whole rows at a time (:mod:`grid_rows`);
                 returns (trunk, flat indices) when one block covered the grid."""
                 assert size is not None and basis is not None
-                layer = GridFirstLayer(basis, pe_b, features[bi], w1_u, w1_p, w1_g, b1, dtype)
+                assert tab_c is not None  # the PE projection and row table of the per-point path, reused
+                pe_proj = first_c.table[:rows_p].reshape(h_p, w_p, -1)
+                layer = GridFirstLayer(basis, pe_proj, features[bi], w1_u, w1_g, tab_c[0], dtype)
                 step = max(1, min(chunk, _ROW_BLOCK_POINTS) // size[1])
                 for r0 in range(0, size[0], step):
                     r1 = min(r0 + step, size[0])

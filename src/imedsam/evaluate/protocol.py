@@ -25,9 +25,7 @@ from tqdm import tqdm
 
 from imedsam.data.prompts import box_from_mask
 from imedsam.infer.postprocess import count_components, remove_small_components
-from imedsam.infer.prepare import to_input_coords
 from imedsam.infer.tta import FlipView, encode_views, mean_over_views
-from imedsam.models.base import Prompts
 from imedsam.runtime import autocast
 
 log = logging.getLogger(__name__)
@@ -84,8 +82,7 @@ def view_logits(system, case: EvalCase, *, sizes: list[tuple[int, int]], device:
     logits = [[] for _ in sizes]
     with autocast(device, amp_dtype):
         for encoded in encode_views(system, case.image, views, device):
-            view_box = to_input_coords(encoded.view.box(box, case.gt.shape), encoded.prepared)
-            prompts = Prompts(boxes=torch.as_tensor(view_box, dtype=torch.float32, device=device).view(1, 4))
+            prompts = encoded.prompts(box)
             for i, s in enumerate(sizes):
                 out = system.decode(encoded.embedding, encoded.prepared, prompts, size=s, seed=seed)
                 logits[i].append(encoded.view.restore(out.logits[0, 0].float()))

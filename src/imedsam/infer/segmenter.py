@@ -18,10 +18,10 @@ import torch
 
 from imedsam.errors import ImedsamError
 from imedsam.infer.postprocess import remove_small_components
-from imedsam.infer.prepare import PreparedImage, check_box, check_points, to_input_coords
+from imedsam.infer.prepare import PreparedImage, check_box, check_points
 from imedsam.infer.tta import EncodedView, encode_views, mean_over_views, parse_tta
 from imedsam.io.sample import Sample
-from imedsam.models.base import Prompts, SegmentationSystem
+from imedsam.models.base import SegmentationSystem
 from imedsam.runtime import autocast, autocast_dtype, prepare_for_inference, resolve_device
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,10 @@ class Segmenter:
         outs = []
         with torch.inference_mode(), autocast(self.device, self.amp_dtype):
             for encoded in self._encoded:
-                prompts = self._view_prompts(encoded, box, points, point_labels, mask_input)
+                prompts = encoded.prompts(box, points, point_labels)
+                if mask_input is not None:  # one view only (checked above)
+                    m = torch.as_tensor(np.asarray(mask_input, dtype=np.float32), device=self.device)
+                    prompts.mask_input = m.view(1, 1, *m.shape[-2:])
                 out = self.system.decode(encoded.embedding, encoded.prepared, prompts, multimask=multimask,
                                          size=size, uncertainty=uncertainty, seed=self.seed)
                 restore = encoded.view.restore
@@ -148,22 +151,6 @@ class Segmenter:
             low_res_logits=None if low_res is None else low_res[0].float().cpu().numpy(),
             uncertainty=None if outs[0][2] is None else mean_over_views([o[2] for o in outs]).cpu().numpy(),
         )
-
-    def _view_prompts(self, encoded: EncodedView, box, points, labels, mask_input) -> Prompts:
-        """Checked prompts in original pixel coordinates -> :class:`Prompts` in one view's encoder frame."""
-        prepared, view = encoded.prepared, encoded.view
-        prompts = Prompts()
-        if box is not None:
-            b = to_input_coords(view.box(box, prepared.original_size), prepared)
-            prompts.boxes = torch.as_tensor(b, dtype=torch.float32, device=self.device).view(1, 4)
-        if points is not None:
-            p = to_input_coords(view.points(points, prepared.original_size), prepared)
-            prompts.points = torch.as_tensor(p, dtype=torch.float32, device=self.device).view(1, -1, 2)
-            prompts.labels = torch.as_tensor(labels, device=self.device).view(1, -1)
-        if mask_input is not None:
-            m = torch.as_tensor(np.asarray(mask_input, dtype=np.float32), device=self.device)
-            prompts.mask_input = m.view(1, 1, *m.shape[-2:])
-        return prompts
 
     def _require_image(self) -> None:
         if self._prepared is None:

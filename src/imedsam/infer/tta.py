@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from imedsam.errors import ImedsamError
-from imedsam.infer.prepare import PreparedImage, prepare_image
+from imedsam.infer.prepare import PreparedImage, prepare_image, to_input_coords
+from imedsam.models.base import Prompts
 
 _AXES = {"h": (1,), "v": (0,), "hv": (0, 1)}  # flipped array axes: 0 = rows (vertical flip), 1 = columns
 
@@ -85,6 +86,21 @@ class EncodedView:
     view: FlipView
     prepared: PreparedImage
     embedding: torch.Tensor
+
+    def prompts(self, box: np.ndarray | None = None, points: np.ndarray | None = None,
+                labels: np.ndarray | None = None) -> Prompts:
+        """Checked prompts in the original image's pixels (half-open xyxy box; (N, 2) xy points with their
+        labels) -> :class:`~imedsam.models.base.Prompts` in this view's encoder frame, on its device."""
+        prepared, device = self.prepared, self.embedding.device
+        out = Prompts()
+        if box is not None:
+            b = to_input_coords(self.view.box(box, prepared.original_size), prepared)
+            out.boxes = torch.as_tensor(b, dtype=torch.float32, device=device).view(1, 4)
+        if points is not None:
+            p = to_input_coords(self.view.points(points, prepared.original_size), prepared)
+            out.points = torch.as_tensor(p, dtype=torch.float32, device=device).view(1, -1, 2)
+            out.labels = torch.as_tensor(labels, device=device).view(1, -1)
+        return out
 
 
 def encode_views(system, image: np.ndarray, views: tuple[FlipView, ...],

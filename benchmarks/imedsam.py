@@ -59,12 +59,12 @@ def trained_decode(case: dict, run: Path, result: dict, amp) -> dict:
 
     from imedsam.data import SegmentationDataset, discover
     from imedsam.data.prompts import box_from_mask
-    from imedsam.infer.prepare import prepare_image, to_input_coords
+    from imedsam.sam.prepare import prepare_image, to_input_coords
     from imedsam.models.base import Prompts
     from imedsam.models.imedsam import set_adaptive_decoding
     from imedsam.models.registry import build_system
     from imedsam.runtime import autocast, prepare_for_inference
-    from imedsam.train.api import dataset_cases
+    from imedsam.data.cases import dataset_cases
 
     if not run.is_dir() or not SESSILE.is_dir():
         return {**result, "skipped": f"needs the run {run} (python benchmarks/sessile.py) and {SESSILE}"}
@@ -106,7 +106,7 @@ def run_case(name: str, threads: int, precision: str, run: Path | None = None) -
     import numpy as np
     import torch
 
-    from imedsam.infer.prepare import prepare_image, to_input_coords
+    from imedsam.sam.prepare import prepare_image, to_input_coords
     from imedsam.models.base import Prompts
     from imedsam.models.config import ModelConfig
     from imedsam.models.imedsam import build_imedsam

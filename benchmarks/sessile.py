@@ -42,7 +42,7 @@ def select_tta(system, cases, device) -> tuple[str, dict]:
 
     from imedsam.evaluate.metrics import binary_metrics
     from imedsam.evaluate.protocol import view_logits
-    from imedsam.infer.tta import mean_over_views, parse_tta
+    from imedsam.models.views import mean_over_views, parse_tta
 
     views = parse_tta(TTA_CANDIDATES[-1])
     dice = {name: [] for name in TTA_CANDIDATES}
@@ -58,7 +58,7 @@ def score(system, cases, device, amp=None, min_component: int = 0, tta: str = "n
     import numpy as np
 
     from imedsam.evaluate.protocol import evaluate_cases
-    from imedsam.infer.tta import parse_tta
+    from imedsam.models.views import parse_tta
 
     start = time.perf_counter()
     rows = evaluate_cases(system, cases, sizes=[None], device=device, amp_dtype=amp, seed=0, progress=False,
@@ -88,7 +88,7 @@ def main() -> None:
 
     from imedsam.data import SegmentationDataset, discover
     from imedsam.models.registry import build_system
-    from imedsam.train.api import dataset_cases, run_training
+    from imedsam.data.cases import dataset_cases, run_training
     from imedsam.train.config import load_config
 
     torch.set_num_threads(2)

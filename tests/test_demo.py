@@ -39,7 +39,7 @@ def test_lesion_is_painted_inside_its_mask_only():
 def test_finetune_demo_trains_evaluates_and_reruns(tmp_path):
     from imedsam.demo import run_finetune_demo
 
-    tiny = ["model.backbone=tiny_tinyvit_test", "optim.epochs=2", "optim.points_per_image=128",
+    tiny = ["model.backbone=tiny_tinyvit_test", "optim.epochs=2", "objective.points_per_image=128",
             "model.decoder.coarse_hidden=[32,16]", "model.decoder.fine_hidden=[16,16]",
             "model.decoder.coarse_feature_dim=8", "data.image_size=64"]
     data = make_synthetic_lesions(tmp_path / "data", n=10, size=64, seed=0)

@@ -21,8 +21,8 @@ log = logging.getLogger("imedsam")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="litemedsam",
-                   help="model name from `imedsam info` (default: litemedsam)")
+    p.add_argument("--model", default=None,
+                   help="model name from `imedsam info` (default: litemedsam, or the model of --adapter)")
     p.add_argument("--checkpoint", default=None, help="base weights file (official SAM .pth, LiteMedSAM ...)")
     p.add_argument("--adapter", default=None, help="trained adapter weights (adapter.safetensors or a run folder)")
     p.add_argument("--backbone", default=None, help="backbone of an adapted model (e.g. litemedsam, sam_vit_b)")
@@ -36,13 +36,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True)
     from imedsam import cli_train
 
-    p = sub.add_parser("segment", help="segment a 2D image (PNG/JPG/TIF/BMP/DICOM slice) from a box and/or points")
+    p = sub.add_parser("segment", help="segment a 2D image (PNG/JPG/TIF/BMP/DICOM slice) from a box, points, a "
+                                       "previous mask, or automatically")
     p.add_argument("image", help="input image file")
     p.add_argument("--box", nargs=4, type=float, metavar=("X0", "Y0", "X1", "Y1"),
                    help="box in original pixel coordinates (X1, Y1 one past the last pixel, as COCO/SAM boxes)")
     p.add_argument("--point", nargs=3, type=float, action="append", metavar=("X", "Y", "LABEL"),
                    help="a point in pixel coordinates with label 1 (foreground) or 0 (background); repeatable")
-    p.add_argument("--out", required=True, help="output mask PNG (0/255)")
+    p.add_argument("--mask-input", default=None, metavar="PREV",
+                   help="a previous mask of the image (PNG, non-zero = object) or low-res logits (.npy) as a "
+                        "mask prompt, to refine it with --point")
+    p.add_argument("--auto", action="store_true",
+                   help="no prompt: every object, as an instance label map (0 background, 1..K) from a grid of "
+                        "point prompts")
+    p.add_argument("--points-per-side", type=cli_train.int_at_least(1), default=16,
+                   help="--auto: point grid per side (default 16)")
+    p.add_argument("--pred-iou-thresh", type=float, default=0.88, help="--auto: minimum predicted IoU (0.88)")
+    p.add_argument("--stability-thresh", type=float, default=0.95, help="--auto: minimum stability score (0.95)")
+    p.add_argument("--min-area", type=cli_train.int_at_least(0), default=0,
+                   help="--auto: remove regions and holes under this many pixels (default 0)")
+    p.add_argument("--out", required=True, help="output mask PNG (0/255; --auto: instance labels)")
     p.add_argument("--overlay", default=None, help="also write an overlay PNG of the mask on the image")
     p.add_argument("--size", nargs=2, type=cli_train.int_at_least(1), metavar=("H", "W"),
                    help="output grid (default: the original image size)")
@@ -57,7 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="models, weights found, device and versions")
     p.add_argument("--model", default=None, help="show the parameter breakdown of one model")
     p.add_argument("--backbone", default=None, help="backbone of an adapted model")
-    p.add_argument("--mode", default=None, help="paper | reference (adapted models)")
+    p.add_argument("--mode", default=None, choices=("paper", "reference"), help="paper | reference (adapted models)")
+    p.add_argument("--img-size", type=cli_train.int_at_least(16), default=None,
+                   help="encoder input size (default: the system's, e.g. 384 for I-MedSAM on ViT, 256 SAM-Med2D)")
+    p.add_argument("--num-classes", type=cli_train.int_at_least(1), default=None,
+                   help="class heads of a multi-class system")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser("demo", help="the main job on the embedded default (see README)")
@@ -81,37 +98,99 @@ def _parse_window(text: str | None):
     return text
 
 
+def _check_outputs(inputs: dict[str, str | None], outputs: dict[str, str | None]) -> None:
+    """Refuse an output that is an input or another output, or that cannot be written, before any work."""
+    from imedsam.io.atomic import check_writable
+
+    seen: dict[Path, str] = {Path(v).resolve(): k for k, v in inputs.items() if v}
+    for arg, value in outputs.items():
+        if not value:
+            continue
+        path = Path(value).resolve()
+        if path in seen:
+            what = "the input" if seen[path] in inputs else seen[path]
+            raise ImedsamError(f"{arg}: {value} is also {what} ({seen[path]}); choose another output file, "
+                               "inputs are never overwritten")
+        seen[path] = arg
+        check_writable(path, arg)
+
+
+def _read_mask_input(path: str):
+    """A .npy array (low-res logits, or a mask of the image) as it is, or a mask image as bool (non-zero)."""
+    import numpy as np
+
+    from imedsam import io
+    from imedsam.data.samples import normalize_mask
+
+    if path.lower().endswith(".npy"):
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ImedsamError(f"--mask-input: cannot read {path} as a .npy array ({exc})") from None
+    return normalize_mask(io.read(path).array, source=path, ndim=2) > 0
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     import numpy as np
 
     from imedsam import io
     from imedsam.infer.segmenter import Segmenter
+    from imedsam.models.registry import system_class
 
-    sample = io.read(args.image)
-    if sample.is_volume:
-        raise ImedsamError(f"{args.image}: is a volume; `segment` takes a 2D image (slice it first)")
-    if args.box is None and not args.point:
-        raise ImedsamError("no prompt given: pass --box X0 Y0 X1 Y1 and/or --point X Y LABEL")
-    rgb = io.to_display_rgb(sample, window=_parse_window(args.window))
-    options = {}
-    if args.backbone:
-        options["backbone"] = args.backbone
-    seg = Segmenter(args.model, checkpoint=args.checkpoint, adapter=args.adapter, device=args.device,
-                    precision=args.precision, tta=args.tta, **options)
-    if args.adaptive:
-        from imedsam.models.imedsam import set_adaptive_decoding
-
-        set_adaptive_decoding(seg.system)
-    seg.set_image(rgb)
+    prompts = [name for name, given in (("--box", args.box), ("--point", args.point),
+                                        ("--mask-input", args.mask_input)) if given]
+    if args.auto and prompts:
+        raise ImedsamError(f"--auto: automatic mode takes no prompt; drop {', '.join(prompts)}")
+    if not args.auto and not prompts:
+        raise ImedsamError("no prompt given: pass --box X0 Y0 X1 Y1, --point X Y LABEL and/or --mask-input PREV, "
+                           "or --auto")
     points = labels = None
     if args.point:
         pts = np.asarray(args.point, dtype=np.float64)
         if not np.all(np.isin(pts[:, 2], (0, 1))):
             raise ImedsamError(f"--point: LABEL must be 1 (foreground) or 0 (background), got {pts[:, 2].tolist()}")
         points, labels = pts[:, :2], pts[:, 2].astype(np.int64)
-    pred = seg.predict(box=args.box, points=points, point_labels=labels, multimask=args.multimask,
-                       size=tuple(args.size) if args.size else None, uncertainty=bool(args.uncertainty),
-                       min_component=args.min_component)
+    if args.box is not None:
+        x0, y0, x1, y1 = args.box
+        if not (x1 > x0 and y1 > y0):
+            raise ImedsamError(f"--box: degenerate box {args.box}: need X0 < X1 and Y0 < Y1 (X1, Y1 one past the "
+                               "last pixel)")
+    _check_outputs({"image": args.image, "--mask-input": args.mask_input},
+                   {"--out": args.out, "--overlay": args.overlay, "--uncertainty": args.uncertainty})
+    if args.uncertainty and not args.uncertainty.lower().endswith(".png"):
+        raise ImedsamError(f"--uncertainty {args.uncertainty}: the map is written as PNG (+ .npy beside it); use a "
+                           ".png file name")
+    model = args.model or ("litemedsam" if args.adapter is None else None)
+    cls = system_class(model, adapter=args.adapter)
+    kinds = [k for k, given in (("box", args.box), ("points", args.point), ("mask", args.mask_input)) if given]
+    if args.auto:
+        kinds = ["points"]
+    unusable = [k for k in kinds if k not in cls.prompt_types]
+    if unusable:
+        flag = {"box": "--box", "points": "--point" if not args.auto else "--auto", "mask": "--mask-input"}
+        raise ImedsamError(f"{flag[unusable[0]]}: model {model or args.adapter!r} cannot use a {unusable[0]} prompt")
+    if args.uncertainty and not cls.has_uncertainty:
+        raise ImedsamError(f"--uncertainty: model {model!r} gives no uncertainty map; use --model imedsam")
+    sample = io.read(args.image)
+    if sample.is_volume:
+        raise ImedsamError(f"{args.image}: is a volume; `segment` takes a 2D image (slice it first)")
+    mask_input = _read_mask_input(args.mask_input) if args.mask_input else None
+    rgb = io.to_display_rgb(sample, window=_parse_window(args.window))
+    options = {}
+    if args.backbone:
+        options["backbone"] = args.backbone
+    seg = Segmenter(model, checkpoint=args.checkpoint, adapter=args.adapter, device=args.device,
+                    precision=args.precision, tta=args.tta, **options)
+    if args.adaptive:
+        from imedsam.models.imedsam import set_adaptive_decoding
+
+        set_adaptive_decoding(seg.system)
+    seg.set_image(rgb)
+    if args.auto:
+        return _segment_auto(args, seg, rgb)
+    pred = seg.predict(box=args.box, points=points, point_labels=labels, mask_input=mask_input,
+                       multimask=args.multimask, size=tuple(args.size) if args.size else None,
+                       uncertainty=bool(args.uncertainty), min_component=args.min_component)
     best = int(np.argmax(pred.scores))
     mask = pred.masks[best]
     io.write_mask(args.out, mask)
@@ -122,8 +201,6 @@ def cmd_segment(args: argparse.Namespace) -> int:
         io.write_overlay(args.overlay, resize_rgb(rgb, mask.shape), mask)
         written["overlay"] = str(Path(args.overlay).resolve())
     if args.uncertainty:
-        if pred.uncertainty is None:
-            raise ImedsamError(f"--uncertainty: model {args.model!r} has no uncertainty output; use --model imedsam")
         from imedsam.io.images import write_uncertainty
 
         written.update(write_uncertainty(args.uncertainty, pred.uncertainty))
@@ -131,10 +208,31 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _segment_auto(args: argparse.Namespace, seg, rgb) -> int:
+    from imedsam import io
+    from imedsam.infer.automatic import AutoSettings, generate_masks, label_map
+
+    settings = AutoSettings(points_per_side=args.points_per_side, pred_iou_thresh=args.pred_iou_thresh,
+                            stability_score_thresh=args.stability_thresh, min_region_area=args.min_area)
+    masks = generate_masks(seg, settings)
+    labels = label_map(masks, seg.original_size)
+    io.write_mask(args.out, labels if labels.max() > 1 else labels.astype(bool))
+    written = {"labels": str(Path(args.out).resolve())}
+    if args.overlay:
+        io.write_overlay(args.overlay, rgb, labels)
+        written["overlay"] = str(Path(args.overlay).resolve())
+    print(json.dumps({"objects": len(masks), "areas": [m.area for m in sorted(masks, key=lambda m: -m.area)],
+                      "scores": [round(m.score, 4) for m in sorted(masks, key=lambda m: -m.area)], **written}))
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from imedsam.info import collect_info, format_info
 
-    info = collect_info(model=args.model, backbone=args.backbone, mode=args.mode)
+    if args.model is None and (args.backbone or args.mode or args.img_size or args.num_classes):
+        raise ImedsamError("--backbone/--mode/--img-size/--num-classes describe a model: add --model NAME")
+    info = collect_info(model=args.model, backbone=args.backbone, mode=args.mode, img_size=args.img_size,
+                        num_classes=args.num_classes)
     print(json.dumps(info, indent=2) if args.json else format_info(info))
     return 0
 

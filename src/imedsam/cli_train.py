@@ -51,11 +51,18 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--model", default=None, help="a zero-shot model name, e.g. litemedsam")
     p.add_argument("--checkpoint", default=None, help="base weights for --model")
     p.add_argument("--data", required=True, help="dataset folder")
-    p.add_argument("--split", default="test", help="split to score (default: test)")
+    p.add_argument("--split", default="test",
+                   help="split to score (default: test); 'all' scores every case (a folder without splits: all)")
+    p.add_argument("--prompt", default="box", metavar="PROTOCOL",
+                   help="box (default) | points:N (N random points from the ground truth, seeded; written to "
+                        "prompts.json) | clicks:N (N corrective clicks at the largest error, Dice per click, NoC)")
+    p.add_argument("--prompts", default=None, metavar="JSON",
+                   help="points:N: reuse the points of this prompts.json (another model's report) instead of "
+                        "drawing them")
     p.add_argument("--size", default="native", nargs="+",
                    help="output grid: 'native' (each image's own size) or H W")
     p.add_argument("--sweep", default=None, help="comma-separated square grids, e.g. 64,128,256,512,1024")
-    p.add_argument("--limit", type=int, default=None, help="score only the first N cases")
+    p.add_argument("--limit", type=int_at_least(1), default=None, help="score only the first N cases")
     p.add_argument("--out", required=True, help="report folder (cases.csv, summary.json, report.html)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="fp32", help="fp32 (default) | auto | bf16 | fp16")
@@ -135,7 +142,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                              device=args.device, precision=args.precision, seed=args.seed, limit=args.limit,
                              adaptive=args.adaptive, min_component=args.min_component, tta=args.tta,
                              box_jitter=_box_jitter(args.box_jitter), gt_dir=args.gt_dir,
-                             nsd_tolerance=args.nsd_tolerance, empty_policy=_empty_policy(args.empty_policy))
+                             nsd_tolerance=args.nsd_tolerance, empty_policy=_empty_policy(args.empty_policy),
+                             prompt=args.prompt, prompts_file=args.prompts)
     print(json.dumps(summary))
     return 0
 

@@ -13,7 +13,8 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def collect_info(model: str | None = None, backbone: str | None = None, mode: str | None = None) -> dict:
+def collect_info(model: str | None = None, backbone: str | None = None, mode: str | None = None,
+                 img_size: int | None = None, num_classes: int | None = None) -> dict:
     """Everything `imedsam info` prints, as a dict."""
     import torch
 
@@ -41,7 +42,8 @@ def collect_info(model: str | None = None, backbone: str | None = None, mode: st
     if model is not None:
         from imedsam.models.registry import parameter_breakdown
 
-        info["parameters"] = parameter_breakdown(model, backbone=backbone, mode=mode)
+        options = {"num_classes": num_classes} if num_classes is not None else {}
+        info["parameters"] = parameter_breakdown(model, backbone=backbone, mode=mode, img_size=img_size, **options)
     return info
 
 
@@ -53,7 +55,8 @@ def format_info(info: dict) -> str:
     lines += ["", "models:"] + [f"  {k:18s} {v}" for k, v in info["models"].items()]
     if "parameters" in info:
         p = info["parameters"]
-        lines += ["", f"trainable parameters of {p['model']} (backbone {p['backbone']}, mode {p['mode']}):"]
+        lines += ["", f"trainable parameters of {p['model']} (backbone {p['backbone']} at {p['img_size']} px, "
+                      f"mode {p['mode']}):"]
         lines += [f"  {k:34s} {v:>12,d}" for k, v in p["trainable"].items()]
         lines += [f"  {'total trainable':34s} {p['total_trainable']:>12,d}",
                   f"  {'total (trainable + frozen)':34s} {p['total']:>12,d}"]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 import torch
 from scipy import ndimage
 
@@ -69,7 +70,7 @@ def test_retry_then_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
     aug = Augmenter(AugmentConfig(max_tries=3))
     calls: list[int] = []
 
-    def always_empty(self, img, msk, *, seed):
+    def always_empty(self, img, msk, *, seed, labels=False):
         calls.append(seed)
         return torch.as_tensor(img).float() + 1, torch.zeros_like(torch.as_tensor(msk)).float()
 
@@ -84,7 +85,7 @@ def test_retry_succeeds(monkeypatch: pytest.MonkeyPatch) -> None:
     original = Augmenter.apply
     calls: list[int] = []
 
-    def empty_first(self, img, msk, *, seed):
+    def empty_first(self, img, msk, *, seed, labels=False):
         calls.append(seed)
         if len(calls) == 1:
             return torch.as_tensor(img).float(), torch.zeros_like(torch.as_tensor(msk)).float()
@@ -107,7 +108,7 @@ def test_augment_item_recomputes_box() -> None:
 
 
 def test_bad_config_and_shapes() -> None:
-    with pytest.raises(ImedsamError, match="policy"):
+    with pytest.raises(ValidationError, match="policy"):
         AugmentConfig(policy="heavy")
     with pytest.raises(ImedsamError, match=r"\(C, H, W\)"):
         Augmenter().apply(torch.zeros(3, 8, 8), torch.zeros(1, 8, 9), seed=0)

@@ -238,7 +238,7 @@ def test_real_kvasir_sessile_split() -> None:
 def test_items_carry_in_plane_spacing_scaled_by_resize(nnunet3d_root, pairs_root):
     import math
 
-    from imedsam.train.api import dataset_cases
+    from imedsam.data.cases import dataset_cases
 
     ds = SegmentationDataset(discover(nnunet3d_root))
     item = ds[0]

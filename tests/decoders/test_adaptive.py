@@ -7,15 +7,14 @@ from torch import nn
 
 from imedsam.decoders.implicit import ImplicitDecoder, ImplicitDecoderConfig
 
-TINY = dict(feature_dim=4, prompt_dim=4, coarse_hidden=(32, 16), coarse_feature_dim=6, fine_hidden=(16, 12, 8),
-            mc_samples=4, topk_ratio=0.1)
+TINY = dict(coarse_hidden=(32, 16), coarse_feature_dim=6, fine_hidden=(16, 12, 8), mc_samples=4, topk_ratio=0.1)
 
 
 def disc_decoder(**overrides) -> tuple[ImplicitDecoder, torch.Tensor, torch.Tensor]:
     """A decoder whose logits depend on a smooth radial feature only (encoding and PE weights zeroed), so its
     decision boundaries are circles; returns the model (eval) and its (U, PE) inputs."""
     torch.manual_seed(0)
-    model = ImplicitDecoder(ImplicitDecoderConfig(**{**TINY, **overrides}))
+    model = ImplicitDecoder(ImplicitDecoderConfig(**{**TINY, **overrides}), feature_dim=4, prompt_dim=4)
     first = model.coarse_trunk[0]
     assert isinstance(first, nn.Linear)
     with torch.no_grad():

@@ -20,15 +20,17 @@ from imedsam.decoders.implicit import (
     select_topk,
 )
 from imedsam.errors import ImedsamError
+from pydantic import ValidationError
 
-TINY = dict(feature_dim=8, prompt_dim=12, coarse_hidden=(24, 16), coarse_feature_dim=6, fine_hidden=(16, 12, 8))
+TINY = dict(coarse_hidden=(24, 16), coarse_feature_dim=6, fine_hidden=(16, 12, 8))
+DIMS = dict(feature_dim=8, prompt_dim=12)
 
 
 def make(mode: str = "paper", **overrides) -> ImplicitDecoder:
     """A small decoder in eval mode with non-trivial BatchNorm statistics (so folding is exercised)."""
     torch.manual_seed(0)
-    cfg = ImplicitDecoderConfig(mode=mode, **{**TINY, **overrides})  # type: ignore[arg-type]
-    model = ImplicitDecoder(cfg)
+    cfg = ImplicitDecoderConfig(**{**TINY, **overrides})
+    model = ImplicitDecoder(cfg, mode=mode, **DIMS)  # type: ignore[arg-type]
     for mod in model.modules():
         if isinstance(mod, nn.BatchNorm1d):
             mod.running_mean.normal_(0, 0.3)
@@ -57,7 +59,7 @@ def assert_same(a: ImplicitOutput, b: ImplicitOutput, atol: float = 1e-5) -> Non
 
 
 def test_reference_parameter_counts_exact():
-    model = ImplicitDecoder(ImplicitDecoderConfig.reference())
+    model = ImplicitDecoder(ImplicitDecoderConfig(), mode="reference")
     groups = model.parameter_groups()
     assert groups["coarse_trunk"] == 888_320
     assert groups["fine_trunk"] == 222_464
@@ -66,18 +68,19 @@ def test_reference_parameter_counts_exact():
     # + FA 82,992 + LoRA 156,672 + prompt encoder 6,220 + output_upscaling 73,952 = 1,595,742 (systems.md A.5)
     assert groups["total"] + 82_992 + 156_672 + 6_220 + 73_952 == 1_595_742
     assert model.in_dim == 351 and model.fine_in_dim == 607
-    multi = ImplicitDecoder(ImplicitDecoderConfig.reference(num_classes=13)).parameter_groups()
+    multi = ImplicitDecoder(ImplicitDecoderConfig(num_classes=13), mode="reference").parameter_groups()
     assert multi["total"] + 319_836 == 3_577_206  # BCV with 13 heads (A.5)
 
 
 def test_config_defaults_follow_mode():
-    paper, ref = ImplicitDecoderConfig(), ImplicitDecoderConfig.reference()
-    assert (paper.encoding, paper.mc_samples) == ("paper", 8)
-    assert (ref.encoding, ref.mc_samples) == ("reference", 2)
-    assert ImplicitDecoder(paper).in_dim == 32 + 256 + 42
+    paper = ImplicitDecoder(ImplicitDecoderConfig())
+    ref = ImplicitDecoder(ImplicitDecoderConfig(), mode="reference")
+    assert (paper.encoding_name, paper.mc_samples) == ("paper", 8)
+    assert (ref.encoding_name, ref.mc_samples) == ("reference", 2)
+    assert paper.in_dim == 32 + 256 + 42
     with pytest.raises(ImedsamError):
-        ImplicitDecoderConfig(mode="fancy")  # type: ignore[arg-type]
-    with pytest.raises(ImedsamError):
+        ImplicitDecoder(ImplicitDecoderConfig(), mode="fancy")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError):
         ImplicitDecoderConfig(dropout=1.0)
 
 
@@ -153,7 +156,7 @@ def test_projected_first_layer_equals_naive_concat(grid):
     layers = _folded_layers(model.coarse_trunk)
     w1, b1, _ = layers[0]
     naive = z @ w1.t() + b1
-    cf, cp = model.config.feature_dim, model.config.prompt_dim
+    cf, cp = model.feature_dim, model.prompt_dim
     tabs = model._separable_tables(*size, w1[:, cf + cp :], b1, feats.device) if grid else None
     layer = model._first_layer(pe[0], w1[:, :cf], w1[:, cf : cf + cp], w1[:, cf + cp :], b1, tabs)
     u_flat = feats[0].reshape(cf, -1).t()

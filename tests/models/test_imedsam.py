@@ -5,9 +5,11 @@ import pytest
 import torch
 
 from imedsam.infer.segmenter import Segmenter
-from imedsam.models.config import DecoderSettings, ModelConfig, PeftSettings
-from imedsam.models.imedsam import build_imedsam, imedsam_parameter_breakdown
-from imedsam.models.registry import build_system
+from imedsam.models.imedsam import IMedSAMConfig as ModelConfig
+from imedsam.models.imedsam import IMedSAMDecoderConfig as DecoderSettings
+from imedsam.models.imedsam import build_imedsam
+from imedsam.models.registry import build_system, parameter_breakdown
+from imedsam.peft import PeftConfig as PeftSettings
 
 
 @pytest.mark.parametrize("backbone", ["tiny_vit_test", "tiny_tinyvit_test"])
@@ -30,14 +32,14 @@ def test_predicts_without_either_adapter(peft):
     """Ablations: LoRA alone, the frequency adapter alone, neither (the padded input reaches only the FA)."""
     torch.manual_seed(0)
     config = ModelConfig(backbone="tiny_vit_test", img_size=64, peft=PeftSettings(**peft))
-    seg = Segmenter(build_imedsam(config=config, pretrained=False), device="cpu", precision="fp32")
+    seg = Segmenter(build_imedsam(config, pretrained=False), device="cpu", precision="fp32")
     seg.set_image(np.random.default_rng(0).integers(0, 255, (37, 53, 3), dtype=np.uint8))
     pred = seg.predict(box=(5, 5, 30, 30), uncertainty=True)
     assert pred.masks.shape == (1, 37, 53) and np.isfinite(pred.uncertainty).all()
 
 
 def test_reference_mode_vit_b_has_the_papers_parameter_count():
-    counts = imedsam_parameter_breakdown("sam_vit_b", "reference", img_size=384)
+    counts = parameter_breakdown("imedsam", backbone="sam_vit_b", mode="reference", img_size=384)
     assert counts["total_trainable"] == 1_595_742
     assert counts["total"] == 92_525_154  # the independent total at 384 (systems.md A.5)
 
@@ -49,7 +51,7 @@ def test_sam_prior_with_zero_gate_starts_as_the_zero_shot_backbone():
                          decoder=DecoderSettings(sam_prior=True, coarse_hidden=(32, 16), coarse_feature_dim=8,
                                                  fine_hidden=(16, 16)))
     torch.manual_seed(0)  # the same random backbone weights as `base` (built first, from the same seed)
-    adapted = build_imedsam(config=config, pretrained=False)
+    adapted = build_imedsam(config, pretrained=False)
     torch.testing.assert_close(adapted.mask_decoder.iou_token.weight, base.sam.mask_decoder.iou_token.weight)
     image = np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     zero_shot, ours = Segmenter(base, device="cpu", precision="fp32"), Segmenter(adapted, device="cpu",
@@ -66,7 +68,7 @@ def test_sam_prior_with_zero_gate_starts_as_the_zero_shot_backbone():
     adapted.train()
     coarse, fine, targets = adapted.forward_train(images, torch.tensor([[12.0, 10, 49, 39]]), masks, n_points=64)
     torch.nn.functional.binary_cross_entropy_with_logits(fine, targets).backward()
-    gates = [a.gate.grad for a in adapted.image_encoder.adapters]
+    gates = [m.gate.grad for m in adapted.image_encoder.modules() if type(m).__name__ == "FrequencyAdapter"]
     assert all(g is not None for g in gates) and any(float(g.abs()) > 0 for g in gates)
     assert float(adapted.decoder.coarse_heads[0].weight.grad[0].abs().sum()) > 0
 
@@ -83,7 +85,7 @@ def test_adaptive_decoding_with_the_sam_prior_keeps_the_prior_prediction(shape):
     config = ModelConfig(backbone="tiny_tinyvit_test", peft=PeftSettings(fa_gate_init=0.0),
                          decoder=DecoderSettings(sam_prior=True, coarse_hidden=(32, 16), coarse_feature_dim=8,
                                                  fine_hidden=(16, 16)))
-    system = build_imedsam(config=config, pretrained=False)
+    system = build_imedsam(config, pretrained=False)
     seg = Segmenter(system, device="cpu", precision="fp32")
     seg.set_image(np.random.default_rng(1).integers(0, 255, (*shape, 3), dtype=np.uint8))
     size = (shape[0] * 8, shape[1] * 8)
@@ -103,12 +105,12 @@ def test_train_transformer_trains_saves_and_reloads_the_two_way_transformer(tmp_
     SAM prior, which reads the mask token; without it the token-only layers get none), are saved with the
     adapter and come back on load, so a reloaded run predicts exactly as the trained one."""
     small = DecoderSettings(coarse_hidden=(32, 16), coarse_feature_dim=8, fine_hidden=(16, 16))
-    frozen = build_imedsam(config=ModelConfig(backbone="tiny_tinyvit_test", decoder=small), pretrained=False)
+    frozen = build_imedsam(ModelConfig(backbone="tiny_tinyvit_test", decoder=small), pretrained=False)
     assert not any(p.requires_grad for p in frozen.mask_decoder.transformer.parameters())
     torch.manual_seed(0)
     config = ModelConfig(backbone="tiny_tinyvit_test",
                          decoder=small.model_copy(update={"train_transformer": True, "sam_prior": True}))
-    system = build_imedsam(config=config, pretrained=False)
+    system = build_imedsam(config, pretrained=False)
     images, masks = torch.rand(1, 3, 64, 64), torch.zeros(1, 1, 64, 64)
     masks[..., 10:40, 12:50] = 1
     coarse, fine, targets = system.forward_train(images, torch.tensor([[12.0, 10, 49, 39]]), masks, n_points=64)
@@ -126,7 +128,7 @@ def test_train_transformer_trains_saves_and_reloads_the_two_way_transformer(tmp_
             p.add_(0.05 * torch.randn_like(p))
     system.save_trainable(tmp_path / "adapter.safetensors")
     torch.manual_seed(0)  # the same random frozen weights as `system`; the trained ones come from the file
-    reloaded = build_imedsam(adapter=tmp_path / "adapter.safetensors", pretrained=False)
+    reloaded = build_system(adapter=tmp_path / "adapter.safetensors", pretrained=False)
     torch.testing.assert_close(reloaded.mask_decoder.transformer.state_dict(),
                                system.mask_decoder.transformer.state_dict())
     image = np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)

@@ -115,10 +115,10 @@ def test_adapter_formula_and_parameters() -> None:
     f = torch.randn(2, 3, 3, 8)
     z = torch.nn.functional.layer_norm(f, (8,), eps=1e-6)
     expected = z + fa.up(torch.nn.functional.gelu(fa.down(z)))
-    torch.testing.assert_close(fa(f), expected)
+    torch.testing.assert_close(fa.step(f), expected)
     assert fa.scale == 0.5 and fa.norm.eps == 1e-6
     assert sum(p.numel() for p in fa.parameters() if p.requires_grad) == (8 * 4 + 4) + (4 * 8 + 8) + 2 * 8
     frozen = FrequencyAdapter(8, norm_trainable=False)
     assert sum(p.numel() for p in frozen.parameters() if p.requires_grad) == (8 * 4 + 4) + (4 * 8 + 8)
     no_skip = FrequencyAdapter(8, skip=False)
-    torch.testing.assert_close(no_skip(f), no_skip.up(torch.nn.functional.gelu(no_skip.down(no_skip.norm(f)))))
+    torch.testing.assert_close(no_skip.step(f), no_skip.up(torch.nn.functional.gelu(no_skip.down(no_skip.norm(f)))))

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from imedsam.errors import ImedsamError
+from pydantic import ValidationError
+
 from imedsam.peft import (
-    FrequencyAdaptedTinyViT,
-    FrequencyAdaptedViT,
+    FrequencyAdapter,
     LoRAQKV,
     PeftConfig,
     adapter_state_dict,
@@ -52,6 +53,11 @@ ENCODERS = {"vit": (tiny_vit_encoder, 96), "tiny_vit": (tiny_tinyvit_encoder, 32
 
 def _input(size: int, b: int = 2, seed: int = 1) -> torch.Tensor:
     return torch.rand(b, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def fas(model: nn.Module) -> list[FrequencyAdapter]:
+    """The frequency adapters, in block order (each in its block's mlp_parallel slot)."""
+    return [m for m in model.modules() if isinstance(m, FrequencyAdapter)]
 
 
 def _perturb_lora(model: nn.Module, seed: int = 0) -> None:
@@ -112,7 +118,7 @@ def test_frequency_adapter_scale_zero_is_noop_and_default_is_not(kind: str) -> N
     with torch.no_grad():
         expected = ref(x)
         zero = inject_adapters(make(), PeftConfig(fa_scale=0.0))
-        assert isinstance(zero, FrequencyAdaptedViT if kind == "vit" else FrequencyAdaptedTinyViT)
+        assert "frequency" in zero.streams and len(fas(zero)) == (4 if kind == "vit" else 4)
         torch.testing.assert_close(zero(x), expected, rtol=0, atol=1e-6)
         half = inject_adapters(make(), PeftConfig())
         assert (half(x) - expected).abs().max() > 1e-3  # FA perturbs SAM's features from step 0
@@ -123,18 +129,19 @@ def test_fa_perturbation_follows_formula_on_one_block(mode: str) -> None:
     torch.manual_seed(0)
     enc = build_image_encoder_vit("vit_tiny", img_size=64, depth=1, global_attn_indexes=(0,)).eval()
     ref = copy.deepcopy(enc)
-    cfg = PeftConfig(mode=mode, lora_rank=0, fa_scale=0.5)
-    model = inject_adapters(enc, cfg)
+    cfg = PeftConfig(lora_rank=0, fa_scale=0.5)
+    model = inject_adapters(enc, cfg, mode)
+    fa = fas(model)[0]
     x = _input(64) * 2 - 0.5
     with torch.no_grad():
         got = model.forward_tokens(x)
         f0 = ref.embed(frequency_image(x, reference=(mode == "reference")))
-        expected = ref.blocks[0](ref.embed(x)) + 0.5 * model.adapters[0](f0)
+        expected = ref.blocks[0](ref.embed(x)) + 0.5 * fa.step(f0)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
         # at init the perturbation is 0.5 * (LN(F0) + up(GELU(down(LN(F0))))), LN(F0) has unit variance per
         # token, so SAM's tokens move by about 0.5 per channel from step 0
         ln = nn.functional.layer_norm(f0, (f0.shape[-1],), eps=1e-6)
-        mlp_term = model.adapters[0].up(nn.functional.gelu(model.adapters[0].down(ln)))
+        mlp_term = fa.up(nn.functional.gelu(fa.down(ln)))
         torch.testing.assert_close(got - ref.blocks[0](ref.embed(x)), 0.5 * (ln + mlp_term), rtol=1e-5, atol=1e-5)
 
 
@@ -144,8 +151,8 @@ def test_only_adapters_train_and_gradients_flow(kind: str) -> None:
     model = inject_adapters(make(), PeftConfig())
     model.train()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(".lora_" in n or n.startswith("adapters.") for n in trainable)
-    assert any(n.startswith("adapters.") and ".norm." in n for n in trainable)  # paper mode: LN_f trains
+    assert trainable and all(".lora_" in n or ".mlp_parallel.frequency." in n for n in trainable)
+    assert any(".mlp_parallel.frequency.norm." in n for n in trainable)  # paper mode: LN_f trains
     out = model(_input(size))
     assert out.shape[:2] == (2, 256 if kind == "vit" else 16)
     out.square().mean().backward()
@@ -157,11 +164,11 @@ def test_only_adapters_train_and_gradients_flow(kind: str) -> None:
 
 
 def test_reference_mode_freezes_fa_norm_and_adds_gate() -> None:
-    model = inject_adapters(tiny_vit_encoder(), PeftConfig(mode="reference"))
+    model = inject_adapters(tiny_vit_encoder(), PeftConfig(), mode="reference")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert not any(".norm." in n for n in trainable)
     assert any(n.endswith("lora_gate.weight") for n in trainable)
-    assert model.reference and not model.log_amplitude
+    assert model.streams["frequency"].reference and not model.streams["frequency"].log_amplitude
 
 
 def test_frozen_batchnorm_never_updates() -> None:
@@ -176,7 +183,7 @@ def test_frozen_batchnorm_never_updates() -> None:
     # train mode = running statistics (batch statistics would differ by O(1); eval folds BN into the convs,
     # the first train-mode call does not: float rounding apart)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    for n, b in model.encoder.named_buffers():
+    for n, b in model.named_buffers():
         if "running" in n:
             assert torch.equal(b, bn_before[n]), n
 
@@ -192,9 +199,9 @@ def test_valid_hw_reaches_frequency_image() -> None:
 
 def test_lora_blocks_subset_and_wrapper_passthrough() -> None:
     model = inject_adapters(tiny_vit_encoder(), PeftConfig(lora_blocks=(0, 2)))
-    wrapped = [isinstance(b.attn.qkv, LoRAQKV) for b in model.encoder.blocks]
+    wrapped = [isinstance(b.attn.qkv, LoRAQKV) for b in model.blocks]
     assert wrapped == [True, False, True, False]
-    assert model.img_size == 96 and len(model.adapters) == 4
+    assert model.img_size == 96 and len(fas(model)) == 4
     with pytest.raises(ImedsamError, match="out of range"):
         inject_adapters(tiny_vit_encoder(), PeftConfig(lora_blocks=(7,)))
 
@@ -204,13 +211,13 @@ def test_user_errors() -> None:
     inject_adapters(enc, PeftConfig(frequency=False))
     with pytest.raises(ImedsamError, match="already has adapters"):
         inject_adapters(enc, PeftConfig())
-    with pytest.raises(ImedsamError, match="supports"):
+    with pytest.raises(ImedsamError, match="attach to"):
         inject_adapters(nn.Linear(3, 3), PeftConfig())
-    with pytest.raises(ImedsamError, match="unknown peft config key"):
-        PeftConfig.from_dict({"lora_rnk": 4})
-    with pytest.raises(ImedsamError):
-        PeftConfig(mode="faithful")  # type: ignore[arg-type]
-    with pytest.raises(ImedsamError):
+    with pytest.raises(ValidationError, match="lora_rnk"):
+        PeftConfig.model_validate({"lora_rnk": 4})
+    with pytest.raises(ImedsamError, match="faithful"):
+        inject_adapters(tiny_vit_encoder(), PeftConfig(), mode="faithful")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError):
         PeftConfig(lora_targets=("q", "z"))
     model = inject_adapters(tiny_vit_encoder(), PeftConfig())
     with pytest.raises(ImedsamError):
@@ -218,31 +225,31 @@ def test_user_errors() -> None:
 
 
 def test_config_round_trip_and_mode_defaults() -> None:
-    cfg = PeftConfig(mode="reference", lora_blocks=[3, 1], lora_targets=["q", "k"])  # type: ignore[arg-type]
+    cfg = PeftConfig(lora_blocks=[3, 1], lora_targets=["q", "k"])  # type: ignore[arg-type]
     assert cfg.lora_blocks == (1, 3) and cfg.lora_targets == ("q", "k")
-    assert cfg.gate and not cfg.log and not cfg.norm_trainable
-    assert PeftConfig.from_dict(cfg.to_dict()) == cfg
-    paper = PeftConfig()
-    assert not paper.gate and paper.log and paper.norm_trainable
-    assert PeftConfig(mode="reference", lora_gate=False).gate is False
+    assert cfg.gate("reference") and not cfg.log("reference") and not cfg.norm_trainable("reference")
+    assert PeftConfig.model_validate(cfg.model_dump(mode="json")) == cfg
+    assert not cfg.gate("paper") and cfg.log("paper") and cfg.norm_trainable("paper")
+    assert PeftConfig(lora_gate=False).gate("reference") is False
 
 
 @pytest.mark.parametrize("kind", ENCODERS)
 def test_save_load_round_trip(kind: str, tmp_path) -> None:
     make, size = ENCODERS[kind]
-    cfg = PeftConfig(mode="reference", lora_rank=2)
-    model = inject_adapters(make(), cfg)
+    cfg = PeftConfig(lora_rank=2)
+    model = inject_adapters(make(), cfg, mode="reference")
     _perturb_lora(model)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.startswith("adapters.") and p.requires_grad:
+            if ".mlp_parallel.frequency." in name and p.requires_grad:
                 p.add_(0.01)
-    path = save_adapters(tmp_path / "run" / "adapter.safetensors", model, {"peft": cfg.to_dict(), "note": "x"})
+    saved = cfg.model_dump(mode="json")
+    path = save_adapters(tmp_path / "run" / "adapter.safetensors", model, {"peft": saved, "note": "x"})
     assert path.is_file() and not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
     state, config = load_adapters(path)
-    assert config == {"peft": cfg.to_dict(), "note": "x"}
+    assert config == {"peft": saved, "note": "x"}
     assert set(state) == set(adapter_state_dict(model))
-    fresh = inject_adapters(make(), PeftConfig.from_dict(config["peft"]))
+    fresh = inject_adapters(make(), PeftConfig.model_validate(config["peft"]), mode="reference")
     x = _input(size)
     with torch.no_grad():
         assert not torch.allclose(fresh(x), model(x))
@@ -253,10 +260,11 @@ def test_save_load_round_trip(kind: str, tmp_path) -> None:
 def test_load_adapter_state_dict_errors(tmp_path) -> None:
     model = inject_adapters(tiny_vit_encoder(), PeftConfig())
     state = dict(adapter_state_dict(model))
-    missing_key = "adapters.0.down.weight"
+    missing_key = "blocks.0.mlp_parallel.frequency.down.weight"
     state.pop(missing_key)
     state["adapters.9.extra"] = torch.zeros(1)
-    with pytest.raises(ImedsamError, match=r"missing 1 key\(s\): adapters\.0\.down\.weight.*unexpected.*adapters\.9"):
+    with pytest.raises(ImedsamError, match=r"missing 1 key\(s\): blocks\.0\.mlp_parallel\.frequency\.down\.weight.*"
+                                           r"unexpected.*adapters\.9"):
         load_adapter_state_dict(model, state)
     assert load_adapter_state_dict(model, state, strict=False) == ([missing_key], ["adapters.9.extra"])
     bad = dict(adapter_state_dict(model))
@@ -277,7 +285,7 @@ def _vit_b_on_meta() -> nn.Module:
 
 
 def test_reference_mode_counts_vit_b_exact() -> None:
-    counts = trainable_parameters(inject_adapters(_vit_b_on_meta(), PeftConfig(mode="reference")))
+    counts = trainable_parameters(inject_adapters(_vit_b_on_meta(), PeftConfig(), mode="reference"))
     assert counts["frequency_adapter"] == 12 * ((768 * 4 + 4) + (4 * 768 + 768)) == 82_992
     assert counts["lora"] + counts["lora_gate"] == 12 * (2 * (768 * 4 + 4 * 768) + 768) == 156_672
     assert counts["lora_gate"] == 12 * 768 and counts["other"] == 0
@@ -293,7 +301,7 @@ def test_paper_mode_counts_vit_b() -> None:
 def test_litemedsam_tinyvit_counts() -> None:
     with torch.device("meta"):
         enc = TinyViT()  # LiteMedSAM: dims (64, 128, 160, 320), depths (2, 2, 6, 2)
-    counts = trainable_parameters(inject_adapters(enc, PeftConfig(mode="reference")))
+    counts = trainable_parameters(inject_adapters(enc, PeftConfig(), mode="reference"))
     blocks = [128] * 2 + [160] * 6 + [320] * 2
     assert counts["frequency_adapter"] == sum((d * 4 + 4) + (4 * d + d) for d in blocks)
     assert counts["lora"] + counts["lora_gate"] == sum(2 * (d * 4 + 4 * d) + d for d in blocks)

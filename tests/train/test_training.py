@@ -35,10 +35,10 @@ def disc_dataset(tmp_path_factory):
 
 def _config(**extra):
     overrides = ["model.backbone=tiny_tinyvit_test", "data.image_size=64", "optim.batch_size=2",
-                 "optim.points_per_image=256", "model.decoder.coarse_hidden=[64,32]",
+                 "objective.points_per_image=256", "model.decoder.coarse_hidden=[64,32]",
                  "model.decoder.coarse_feature_dim=16", "model.decoder.fine_hidden=[32,16]",
                  "data.augment=false", "run.device=cpu", "run.precision=fp32", "optim.lr_adapter=1e-3",
-                 "optim.lr_decoder=3e-3", "optim.coarse_warm_epochs=2", "model.decoder.dropout=0.1"]
+                 "optim.lr_decoder=3e-3", "objective.coarse_warm_epochs=2", "model.decoder.dropout=0.1"]
     overrides += [f"{k}={v}" for k, v in extra.items()]
     return load_config(None, overrides)
 
@@ -51,7 +51,7 @@ def _weights(run_dir):
 
 def _interrupted_run(cfg, data, run_dir, monkeypatch, step: int) -> None:
     """Start a run and kill it (KeyboardInterrupt) during optimizer step ``step`` (1-based)."""
-    from imedsam.train import loop
+    from imedsam.train import losses as loop
 
     calls = {"n": 0}
     original = loop.BCEDiceLoss.forward
@@ -132,7 +132,7 @@ def test_cli_train_then_evaluate_writes_a_report(disc_dataset, tmp_path, capsys)
 
     run = tmp_path / "cli_run"
     args = ["train", "--data", str(disc_dataset), "--out", str(run), "optim.epochs=1", "optim.max_steps=2",
-            "model.backbone=tiny_tinyvit_test", "data.image_size=64", "optim.points_per_image=128",
+            "model.backbone=tiny_tinyvit_test", "data.image_size=64", "objective.points_per_image=128",
             "model.decoder.coarse_hidden=[32,16]", "model.decoder.fine_hidden=[16,16]",
             "model.decoder.coarse_feature_dim=8", "run.device=cpu"]
     assert main(args) == 0

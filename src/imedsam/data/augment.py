@@ -36,11 +36,11 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from imedsam.data.prompts import box_from_mask, jitter_box
 from imedsam.errors import ImedsamError
@@ -60,8 +60,7 @@ def sample_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFFFFFFFFFF for p in parts]).generate_state(1)[0])
 
 
-@dataclass(frozen=True)
-class AugmentConfig:
+class AugmentConfig(BaseModel):
     """Augmentation parameters (defaults follow I-MedSAM, systems.md A.14; intensities on the 0..255 scale).
 
     Attributes:
@@ -82,31 +81,30 @@ class AugmentConfig:
         max_tries: attempts before falling back to the un-augmented sample when the mask comes out empty.
     """
 
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
     policy: Literal["imedsam", "independent"] = "imedsam"
-    rotate_deg: float = 20.0
+    rotate_deg: float = Field(20.0, ge=0)
     scale: tuple[float, float] = (0.8, 1.2)
     shear_deg: tuple[float, float] = (0.0, 10.0)
     translate: tuple[float, float] = (0.0, 0.1)
     flip: bool = True
-    brightness: float = 0.2
-    contrast: float = 0.2
-    noise_std: float = 7.0
+    brightness: float = Field(0.2, ge=0)
+    contrast: float = Field(0.2, ge=0)
+    noise_std: float = Field(7.0, ge=0)
     blur_sigma: tuple[float, float] = (0.5, 1.5)
     gamma: tuple[float, float] = (0.7, 1.5)
-    prob: float = 0.5
+    prob: float = Field(0.5, ge=0, le=1)
     intensity: bool = True
     geometric: bool = True
-    max_tries: int = 10
+    max_tries: int = Field(10, ge=1)
 
-    def __post_init__(self) -> None:
-        if self.policy not in ("imedsam", "independent"):
-            raise ImedsamError(f"augment.policy: unknown policy {self.policy!r}; use 'imedsam' or 'independent'")
-        if self.max_tries < 1:
-            raise ImedsamError(f"augment.max_tries: must be >= 1, got {self.max_tries}")
-        if not 0.0 <= self.prob <= 1.0:
-            raise ImedsamError(f"augment.prob: must be in [0, 1], got {self.prob}")
-        if not 0 < self.scale[0] <= self.scale[1]:
-            raise ImedsamError(f"augment.scale: {self.scale} must be (low, high) with 0 < low <= high")
+    @field_validator("scale")
+    @classmethod
+    def _scale(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError(f"{list(v)} must be (low, high) with 0 < low <= high")
+        return v
 
 
 def _rand_iso_zoom(scale: tuple[float, float], modes: tuple[str, str]):
@@ -155,7 +153,7 @@ class Augmenter:
 
     def __init__(self, config: AugmentConfig | None = None, **overrides: Any) -> None:
         cfg = config or AugmentConfig()
-        self.config = replace(cfg, **overrides) if overrides else cfg
+        self.config = cfg.model_copy(update=overrides) if overrides else cfg
         self._by_shape: dict[tuple[int, int], tuple[list, list, Callable | None]] = {}
 
     # -- building (lazy: importing MONAI is slow, and translations are in pixels of a given size) ------------
@@ -210,9 +208,10 @@ class Augmenter:
 
     # -- applying ---------------------------------------------------------------------------------------------
 
-    def apply(self, image: torch.Tensor | np.ndarray, mask: torch.Tensor | np.ndarray, *, seed: int
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One augmentation attempt (no emptiness check). Shapes as in the class docstring."""
+    def apply(self, image: torch.Tensor | np.ndarray, mask: torch.Tensor | np.ndarray, *, seed: int,
+              labels: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """One augmentation attempt (no emptiness check). Shapes as in the class docstring; ``labels=True``: the
+        mask is an integer label map (nearest interpolation keeps the ids) and comes back rounded, not binary."""
         img = torch.as_tensor(np.asarray(image) if isinstance(image, np.ndarray) else image).float()
         msk = torch.as_tensor(np.asarray(mask) if isinstance(mask, np.ndarray) else mask).float()
         if img.ndim != 3 or msk.ndim != 3 or msk.shape[0] != 1 or img.shape[1:] != msk.shape[1:]:
@@ -236,22 +235,23 @@ class Augmenter:
                 op.set_random_state(seed=int(rng.integers(2**31)))
                 data = op(data)
         out_img = _plain(data["image"]).clamp_(0.0, 255.0)
-        out_msk = (_plain(data["mask"]) > 0.5).float()
+        out_msk = _plain(data["mask"]).round() if labels else (_plain(data["mask"]) > 0.5).float()
         return out_img, out_msk
 
-    def __call__(self, image: torch.Tensor | np.ndarray, mask: torch.Tensor | np.ndarray, *, seed: int
-                 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """Augment with retries while the mask comes out empty; see the class docstring."""
+    def __call__(self, image: torch.Tensor | np.ndarray, mask: torch.Tensor | np.ndarray, *, seed: int,
+                 labels: bool = False) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Augment with retries while the mask comes out empty; see the class docstring (``labels``: as
+        :meth:`apply`; the un-augmented label map comes back unchanged)."""
         for attempt in range(self.config.max_tries):
             s = seed if attempt == 0 else sample_seed(seed, attempt)
-            img, msk = self.apply(image, mask, seed=s)
+            img, msk = self.apply(image, mask, seed=s, labels=labels)
             if bool(msk.any()):
                 return img, msk, True
         logger.debug("augmentation emptied the mask %d times; using the un-augmented sample",
                      self.config.max_tries)
         img = torch.as_tensor(np.asarray(image) if isinstance(image, np.ndarray) else image).float().clone()
-        msk = (torch.as_tensor(np.asarray(mask) if isinstance(mask, np.ndarray) else mask) > 0.5).float()
-        return img, msk, False
+        msk = torch.as_tensor(np.asarray(mask) if isinstance(mask, np.ndarray) else mask).float()
+        return img, (msk.clone() if labels else (msk > 0.5).float()), False
 
 
 def augment_item(item: dict, augmenter: Augmenter, *, seed: int, jitter: dict | None = None) -> dict:

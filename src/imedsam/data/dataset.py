@@ -82,10 +82,14 @@ def read_case(case: CaseRef, *, window=None, with_spacing: bool = False):
     """
     from imedsam.io.images import to_display_rgb
 
-    if case.mask_path is None:
+    if not case.has_mask:
         raise ImedsamError(f"{case.image_path}: case '{case.case_id}' has no mask; training and evaluation "
                            f"need one (add it, or discover with require_masks=True)")
     img = _read(Path(case.image_path))
+    if case.object_masks:
+        labels = _object_label_map(case, tuple(img.geometry.shape))
+        image = to_display_rgb(img, window=window)
+        return (image, labels, img.geometry.spacing) if with_spacing else (image, labels)
     msk = _read(Path(case.mask_path))
     labels = normalize_mask(msk.array, source=case.mask_path, ndim=img.geometry.ndim)
     if tuple(labels.shape) != tuple(img.geometry.shape):
@@ -95,6 +99,22 @@ def read_case(case: CaseRef, *, window=None, with_spacing: bool = False):
     if with_spacing:
         return image, labels, img.geometry.spacing
     return image, labels
+
+
+def _object_label_map(case: CaseRef, shape: tuple[int, ...]) -> np.ndarray:
+    """The label map of a case given as one binary mask file per object (SAM-Med2D layout)."""
+    labels = np.zeros(shape, dtype=np.int64)
+    for object_id, path in case.object_masks or ():
+        mask = normalize_mask(_read(Path(path)).array, source=path, ndim=len(shape)) > 0
+        if mask.shape != shape:
+            raise ImedsamError(f"{path}: mask shape {mask.shape} differs from image shape {shape} "
+                               f"({case.image_path}); masks must be on the image grid")
+        overlap = int((mask & (labels > 0)).sum())
+        if overlap:
+            raise ImedsamError(f"{path}: overlaps another object mask of {case.image_path} on {overlap} pixels; "
+                               f"objects of one image must not overlap")
+        labels[mask] = object_id
+    return labels
 
 
 class SegmentationDataset(Dataset):

@@ -8,6 +8,17 @@ Two layouts are recognised (``discover`` tells them apart; anything else is a us
     root/masks/<stem>.<ext>       # same stem, any supported extension: binary 0/255 or 0/1, or a label map
     root/splits.json              # optional: {"train": [stems], "val": [...], "test": [...]} (other keys ignored)
 
+**SAM-Med2D JSON** (one binary mask file per object, as SAM-Med2D's ``data_demo``)::
+
+    root/image2label_train.json   # {"<image path>": ["<mask path>", ...]}   -> split "train"
+    root/label2image_test.json    # {"<mask path>": "<image path>"}          -> split "test"
+    (paths relative to root, or to a parent folder: leading folders that do not exist under root are dropped)
+
+Each image is one case; its mask files are its objects, named by what follows the image stem in the mask's
+name (``amos_0006_90_liver_000.png`` -> ``liver_000``). Object names form one vocabulary over the dataset
+(``DatasetIndex.labels``, id -> name), so a case's label map has the same id for the same object name in every
+image. Overlapping object masks of one image are a user error (a label map cannot hold them).
+
 **nnU-Net raw** (the ``DatasetXXX_Name`` folder)::
 
     root/dataset.json             # optional here; its "labels" ({"background": 0, "liver": 1, ...}) names classes
@@ -81,12 +92,19 @@ class CaseRef:
         image_path: the image file (2D image or 3D volume).
         mask_path: the mask file on the same grid, or ``None`` for unlabelled cases (``require_masks=False``).
         split: ``"train"``, ``"val"``, ``"test"`` or ``None`` when not assigned.
+        object_masks: SAM-Med2D layout: ``(object id, binary mask file)`` pairs that make up the case's label map
+            (``mask_path`` is then ``None``).
     """
 
     case_id: str
     image_path: Path
     mask_path: Path | None
     split: str | None = None
+    object_masks: tuple[tuple[int, Path], ...] | None = None
+
+    @property
+    def has_mask(self) -> bool:
+        return self.mask_path is not None or bool(self.object_masks)
 
 
 @dataclass(frozen=True)
@@ -95,7 +113,7 @@ class DatasetIndex:
 
     Attributes:
         root: the dataset folder.
-        layout: ``"folders"`` or ``"nnunet"``.
+        layout: ``"folders"``, ``"nnunet"`` or ``"sammed2d"``.
         cases: the cases.
         labels: class id -> name (from nnU-Net ``dataset.json``, background excluded), or ``None`` when unknown.
     """
@@ -343,6 +361,58 @@ def _discover_nnunet(root: Path, require_masks: bool) -> tuple[list[CaseRef], di
     return cases, labels
 
 
+SAMMED2D_FILES = ("image2label_train.json", "label2image_test.json")
+
+
+def _resolve(root: Path, entry: str, source: Path) -> Path:
+    """A path from a SAM-Med2D JSON: under ``root`` as written, or with leading folders dropped."""
+    parts = Path(entry).parts
+    for i in range(len(parts)):
+        candidate = root.joinpath(*parts[i:])
+        if candidate.is_file():
+            return candidate
+    raise ImedsamError(f"{source}: file {entry!r} not found under {root} (leading folders may be dropped, but "
+                       f"the rest of the path must exist)")
+
+
+def _discover_sammed2d(root: Path) -> tuple[list[CaseRef], dict[int, str]]:
+    groups: dict[Path, dict] = {}  # image -> {"split": ..., "masks": [paths]}
+    train_file, test_file = (root / name for name in SAMMED2D_FILES)
+    if train_file.is_file():
+        for image, masks in _read_json(train_file).items():
+            if not isinstance(masks, list):
+                raise ImedsamError(f"{train_file}: entry {image!r} must map to a list of mask paths")
+            img = _resolve(root, image, train_file)
+            groups.setdefault(img, {"split": "train", "masks": []})["masks"] += [_resolve(root, m, train_file)
+                                                                                for m in masks]
+    if test_file.is_file():
+        for mask, image in _read_json(test_file).items():
+            img = _resolve(root, str(image), test_file)
+            entry = groups.setdefault(img, {"split": "test", "masks": []})
+            if entry["split"] != "test":
+                raise ImedsamError(f"{test_file}: image {image!r} is also a training image in {train_file.name}")
+            entry["masks"].append(_resolve(root, mask, test_file))
+    names: dict[Path, str] = {}
+    for img, entry in groups.items():
+        stem = file_stem(img)
+        for m in entry["masks"]:
+            ms = file_stem(m)
+            names[m] = ms[len(stem) + 1:] if ms.startswith(stem + "_") and len(ms) > len(stem) + 1 else ms
+    vocabulary = {name: i + 1 for i, name in enumerate(sorted(set(names.values())))}
+    cases = []
+    for img, entry in sorted(groups.items()):
+        objects = tuple(sorted({(vocabulary[names[m]], m) for m in entry["masks"]}))
+        ids = [i for i, _ in objects]
+        if len(set(ids)) != len(ids):
+            raise ImedsamError(f"{img}: two of its mask files have the same object name; name them "
+                               f"<image stem>_<object>.png with distinct objects")
+        cases.append(CaseRef(file_stem(img), img, None, entry["split"], objects))
+    ids = [c.case_id for c in cases]
+    if len(set(ids)) != len(ids):
+        raise ImedsamError(f"{root}: two images share the file stem {sorted(i for i in ids if ids.count(i) > 1)[0]!r}")
+    return cases, {i: name for name, i in vocabulary.items()}
+
+
 def discover(root: str | os.PathLike, *, require_masks: bool = True) -> DatasetIndex:
     """Find the cases of a dataset folder (layouts in the module docstring).
 
@@ -353,7 +423,8 @@ def discover(root: str | os.PathLike, *, require_masks: bool = True) -> DatasetI
 
     Returns:
         a ``DatasetIndex`` sorted by case id. Splits come from ``splits.json`` when present, else
-        nnU-Net's ``imagesTr``/``imagesTs`` (train/test), else ``None`` (see ``assign_splits``).
+        nnU-Net's ``imagesTr``/``imagesTs`` or SAM-Med2D's two JSON files (train/test), else ``None`` (see
+        ``assign_splits``).
 
     Raises:
         ImedsamError: missing/empty folder, no images, an image without a mask, an unknown layout, a
@@ -369,6 +440,9 @@ def discover(root: str | os.PathLike, *, require_masks: bool = True) -> DatasetI
     if (root / "imagesTr").is_dir():
         layout = "nnunet"
         cases, labels = _discover_nnunet(root, require_masks)
+    elif any((root / name).is_file() for name in SAMMED2D_FILES):
+        layout = "sammed2d"
+        cases, labels = _discover_sammed2d(root)
     elif (root / "images").is_dir():
         layout = "folders"
         cases, labels = _discover_folders(root, require_masks)

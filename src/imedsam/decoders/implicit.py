@@ -86,6 +86,8 @@ import logging
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -120,71 +122,50 @@ _ROW_BLOCK_POINTS = 8192
 Mode = Literal["paper", "reference"]
 
 
-@dataclass
-class ImplicitDecoderConfig:
-    """Configuration of :class:`ImplicitDecoder`.
+class ImplicitDecoderConfig(BaseModel):
+    """Options of :class:`ImplicitDecoder` (the ``model.decoder`` section of an I-MedSAM config).
 
-    ``encoding`` and ``mc_samples`` default from ``mode``: paper -> ("paper", 8), reference ->
-    ("reference", 2). ``chunk_size`` is the number of query points per image processed at once at inference.
-    ``coarse_feature_dim`` is the width of the coarse feature passed to the fine MLP. ``fine_hidden`` lists the
-    fine trunk widths followed by the width of the per-class fine head's hidden layer (at least two entries).
-    ``adaptive`` (inference, grids only) evaluates pass 1 exactly only near the decision boundary: see
-    :meth:`ImplicitDecoder.adaptive_stride` and the module docstring. ``row_gemm`` (inference, whole grids)
-    evaluates the first coarse layer a block of rows at a time as one GEMM (:mod:`imedsam.decoders.grid_rows`);
-    ``None`` = when the compute dtype is bf16 or fp16 (on a 2-core CPU it is about 3x faster than per-pixel
-    taps in bf16, and slower in fp32, where the GEMM rate is a quarter).
+    The widths that come from the backbone (``feature_dim``, ``prompt_dim``) and the system's ``mode`` are
+    arguments of :class:`ImplicitDecoder`, not options. ``encoding`` and ``mc_samples`` default from the mode:
+    paper -> ("paper", 8), reference -> ("reference", 2). ``chunk_size`` is the number of query points per image
+    processed at once at inference. ``coarse_feature_dim`` is the width of the coarse feature passed to the fine
+    MLP. ``fine_hidden`` lists the fine trunk widths followed by the width of the per-class fine head's hidden
+    layer (at least two entries). ``adaptive`` (inference, grids only) evaluates pass 1 exactly only near the
+    decision boundary: see :meth:`ImplicitDecoder.adaptive_stride` and the module docstring. ``row_gemm``
+    (inference, whole grids) evaluates the first coarse layer a block of rows at a time as one GEMM
+    (:mod:`imedsam.decoders.grid_rows`); ``None`` = when the compute dtype is bf16 or fp16 (on a 2-core CPU it is
+    about 3x faster than per-pixel taps in bf16, and slower in fp32, where the GEMM rate is a quarter).
     """
 
-    feature_dim: int = 32
-    prompt_dim: int = 256
-    mode: Mode = "paper"
-    encoding: Literal["paper", "reference"] | None = None
-    num_octaves: int = 10
-    coarse_hidden: tuple[int, ...] = (1024, 512)
-    coarse_feature_dim: int = 256
-    fine_hidden: tuple[int, ...] = (256, 256, 128)
-    dropout: float = 0.5
-    mc_samples: int | None = None
-    topk_ratio: float = 0.125
-    num_classes: int = 1
-    chunk_size: int = 16384
-    mc_seed: int = 0
-    corner_aligned_encoding: bool = False
-    adaptive: bool = False
-    row_gemm: bool | None = None
+    model_config = ConfigDict(extra="forbid")
 
-    def __post_init__(self) -> None:
-        if self.mode not in ("paper", "reference"):
-            raise ImedsamError(f"ImplicitDecoderConfig.mode={self.mode!r}: use 'paper' or 'reference'")
-        if self.encoding is None:
-            self.encoding = self.mode
-        if self.encoding not in ("paper", "reference"):
-            raise ImedsamError(f"ImplicitDecoderConfig.encoding={self.encoding!r}: use 'paper' or 'reference'")
-        if self.mc_samples is None:
-            self.mc_samples = 8 if self.mode == "paper" else 2
-        self.coarse_hidden = tuple(int(v) for v in self.coarse_hidden)
-        self.fine_hidden = tuple(int(v) for v in self.fine_hidden)
-        checks = {
-            "feature_dim": self.feature_dim >= 1,
-            "prompt_dim": self.prompt_dim >= 0,
-            "coarse_hidden": len(self.coarse_hidden) >= 1 and min(self.coarse_hidden) >= 1,
-            "fine_hidden": len(self.fine_hidden) >= 2 and min(self.fine_hidden) >= 1,
-            "coarse_feature_dim": self.coarse_feature_dim >= 1,
-            "dropout": 0.0 <= self.dropout < 1.0,
-            "mc_samples": int(self.mc_samples) >= 1,
-            "topk_ratio": 0.0 <= self.topk_ratio <= 1.0,
-            "num_classes": self.num_classes >= 1,
-            "chunk_size": self.chunk_size >= 1,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise ImedsamError(f"ImplicitDecoderConfig.{name}={getattr(self, name)!r} is out of range")
-        self.mc_samples = int(self.mc_samples)
+    encoding: Literal["paper", "reference"] | None = Field(None, description="coordinate encoding; null: the mode's")
+    num_octaves: int = Field(10, ge=1, description="octaves of the paper encoding")
+    coarse_hidden: tuple[int, ...] = Field((1024, 512), min_length=1, description="coarse MLP widths")
+    coarse_feature_dim: int = Field(256, ge=1, description="coarse feature passed to the fine MLP")
+    fine_hidden: tuple[int, ...] = Field((256, 256, 128), min_length=2,
+                                         description="fine trunk widths, then the fine head's hidden width")
+    dropout: float = Field(0.5, ge=0, lt=1, description="MC dropout on the coarse trunk output")
+    mc_samples: int | None = Field(None, ge=1, description="Monte-Carlo dropout passes T; null: the mode's (8 / 2)")
+    topk_ratio: float = Field(0.125, ge=0, le=1, description="fraction of most uncertain points refined per image")
+    num_classes: int = Field(1, ge=1, description="class heads (one logit map per class)")
+    chunk_size: int = Field(16384, ge=1, description="points decoded per chunk at inference (bounds memory; "
+                                                     "16384 was fastest on 2 CPU cores)")
+    mc_seed: int = Field(0, description="seed of the MC-dropout masks at inference when none is passed")
+    corner_aligned_encoding: bool = Field(False, description="encode grid coordinates corner-aligned (the "
+                                                             "official linspace grid)")
+    adaptive: bool = Field(False, description="inference on output grids at least 4x finer than the decoder "
+                                              "features: evaluate exactly only near the decision boundary, "
+                                              "interpolate elsewhere (fast large grids; an approximation)")
+    row_gemm: bool | None = Field(None, description="first coarse layer as one GEMM per block of rows on whole "
+                                                    "grids; null: in bf16/fp16 only")
 
+    @field_validator("coarse_hidden", "fine_hidden")
     @classmethod
-    def reference(cls, **overrides: object) -> ImplicitDecoderConfig:
-        """The official code's settings (mode, encoding and T = 2)."""
-        return cls(mode="reference", **overrides)  # type: ignore[arg-type]
+    def _positive(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if min(v) < 1:
+            raise ValueError(f"widths must be >= 1, got {list(v)}")
+        return v
 
 
 @dataclass
@@ -321,15 +302,24 @@ class ImplicitDecoder(nn.Module):
     one class the counts are 888,320 / 131,841 / 222,464 / 33,281 as in the official code.
     """
 
-    def __init__(self, config: ImplicitDecoderConfig | None = None) -> None:
+    def __init__(self, config: ImplicitDecoderConfig | None = None, *, feature_dim: int = 32,
+                 prompt_dim: int = 256, mode: Mode = "paper") -> None:
         super().__init__()
         cfg = config if config is not None else ImplicitDecoderConfig()
+        if mode not in ("paper", "reference"):
+            raise ImedsamError(f"ImplicitDecoder mode={mode!r}: use 'paper' or 'reference'")
+        if int(feature_dim) < 1 or int(prompt_dim) < 0:
+            raise ImedsamError(f"ImplicitDecoder needs feature_dim >= 1 and prompt_dim >= 0, got {feature_dim}, "
+                               f"{prompt_dim}")
         self.config = cfg
-        if cfg.encoding == "paper":
+        self.feature_dim, self.prompt_dim, self.mode = int(feature_dim), int(prompt_dim), mode
+        self.encoding_name = cfg.encoding or mode
+        self.mc_samples = cfg.mc_samples or (8 if mode == "paper" else 2)
+        if self.encoding_name == "paper":
             self.encoding: PaperEncoding | ReferenceEncoding = PaperEncoding(cfg.num_octaves, include_input=True)
         else:
             self.encoding = ReferenceEncoding()
-        self.in_dim = cfg.feature_dim + cfg.prompt_dim + self.encoding.out_dim
+        self.in_dim = self.feature_dim + self.prompt_dim + self.encoding.out_dim
         self.fine_in_dim = self.in_dim + cfg.coarse_feature_dim
         trunk_out = cfg.coarse_hidden[-1]
         self.coarse_trunk = _mlp(self.in_dim, cfg.coarse_hidden)
@@ -367,7 +357,7 @@ class ImplicitDecoder(nn.Module):
     @property
     def refinement_enabled(self) -> bool:
         """False when ``mc_samples == 1`` or ``topk_ratio == 0``: the fine INR is never run."""
-        return self.config.mc_samples > 1 and self.config.topk_ratio > 0
+        return self.mc_samples > 1 and self.config.topk_ratio > 0
 
     # ------------------------------------------------------------------ forward
 
@@ -395,18 +385,18 @@ class ImplicitDecoder(nn.Module):
         cfg = self.config
         if (size is None) == (coords is None):
             raise ImedsamError("ImplicitDecoder: pass exactly one of size=(H, W) or coords=(B, N, 2)")
-        if features.dim() != 4 or features.shape[1] != cfg.feature_dim:
+        if features.dim() != 4 or features.shape[1] != self.feature_dim:
             raise ImedsamError(
-                f"ImplicitDecoder features must be (B, {cfg.feature_dim}, h, w); got {tuple(features.shape)}"
+                f"ImplicitDecoder features must be (B, {self.feature_dim}, h, w); got {tuple(features.shape)}"
             )
         b = features.shape[0]
         if (
             prompt_pe.dim() != 4
-            or prompt_pe.shape[1] != cfg.prompt_dim
+            or prompt_pe.shape[1] != self.prompt_dim
             or prompt_pe.shape[0] not in (1, b)
         ):
             raise ImedsamError(
-                f"ImplicitDecoder prompt_pe must be (B or 1, {cfg.prompt_dim}, h', w'); got {tuple(prompt_pe.shape)}"
+                f"ImplicitDecoder prompt_pe must be (B or 1, {self.prompt_dim}, h', w'); got {tuple(prompt_pe.shape)}"
             )
         if size is not None:
             if len(size) != 2 or int(size[0]) < 1 or int(size[1]) < 1:
@@ -444,13 +434,13 @@ class ImplicitDecoder(nn.Module):
     ) -> torch.Tensor | None:
         """Paper mode: (B, T, D) scaled keep-masks (0 or 1/(1-p)) over the trunk output, one per image and pass."""
         cfg = self.config
-        if cfg.mode != "paper" or not self.refinement_enabled:
+        if self.mode != "paper" or not self.refinement_enabled:
             return None
         if generator is None and not self.training:
             generator = torch.Generator(device=device)
             generator.manual_seed(cfg.mc_seed if seed is None else int(seed))
         d = cfg.coarse_hidden[-1]
-        keep = torch.rand((b, cfg.mc_samples, d), generator=generator, device=device) >= cfg.dropout
+        keep = torch.rand((b, self.mc_samples, d), generator=generator, device=device) >= cfg.dropout
         return keep.float() / (1.0 - cfg.dropout)
 
     def _k(self, n: int) -> int:
@@ -495,7 +485,7 @@ class ImplicitDecoder(nn.Module):
         z = z.reshape(b * n, self.in_dim)
 
         uncertainty: torch.Tensor | None = None
-        if cfg.mode == "paper":
+        if self.mode == "paper":
             h = self.coarse_trunk(z)
             head_in = self.dropout(h) if self.training else h
             outs = [head(head_in) for head in self.coarse_heads]  # C x (B*N, 1+F)
@@ -508,7 +498,7 @@ class ImplicitDecoder(nn.Module):
                     mc = torch.einsum("bnd,btcd->bnct", hb, w_mc) + b_logit[:, None]
                     uncertainty = mc_variance(mc).permute(0, 2, 1)  # (B, C, N)
         else:
-            passes = cfg.mc_samples if (self.training and self.refinement_enabled) else 1
+            passes = self.mc_samples if (self.training and self.refinement_enabled) else 1
             all_outs = []
             for _ in range(passes):
                 h = self.coarse_trunk(z)
@@ -527,7 +517,7 @@ class ImplicitDecoder(nn.Module):
         coarse_f = coarse.float()
         if uncertainty is None:
             return ImplicitOutput(coarse_f, coarse_f.clone(), None, None)
-        selected = select_topk(uncertainty, self._k(n), skip_zero=cfg.mode == "paper")
+        selected = select_topk(uncertainty, self._k(n), skip_zero=self.mode == "paper")
         fine_per_class = [coarse_f[:, c] for c in range(c_cls)]  # out of place: gradients reach the coarse branch
         for c in range(c_cls):
             sel = selected[:, c].reshape(b * n)
@@ -555,7 +545,7 @@ class ImplicitDecoder(nn.Module):
         b = features.shape[0]
         c_cls = cfg.num_classes
         n = size[0] * size[1] if size is not None else coords.shape[1]  # type: ignore[union-attr]
-        cf, cp = cfg.feature_dim, cfg.prompt_dim
+        cf, cp = self.feature_dim, self.prompt_dim
         h_u, w_u = features.shape[-2:]
         h_p, w_p = prompt_pe.shape[-2:]
         rows_p = h_p * w_p
@@ -590,7 +580,7 @@ class ImplicitDecoder(nn.Module):
         w_logit, b_logit = heads_w[:, 0], heads_b[:, 0]  # (C, D), (C,)
         w_feat, b_feat = heads_w[:, 1:].to(dtype).contiguous(), heads_b[:, 1:].to(dtype)  # coarse features
         refine = self.refinement_enabled
-        t_mc = cfg.mc_samples
+        t_mc = self.mc_samples
 
         coarse = torch.empty(b, c_cls, n, device=dev)
         fine = torch.empty(b, c_cls, n, device=dev)
@@ -672,7 +662,7 @@ class ImplicitDecoder(nn.Module):
                 continue
 
             # Top-k per image and class, then pass 2 over the selected points only.
-            sel_b = select_topk(uncertainty[bi], k, skip_zero=cfg.mode == "paper")  # (C, N)
+            sel_b = select_topk(uncertainty[bi], k, skip_zero=self.mode == "paper")  # (C, N)
             selected[bi] = sel_b
             union = sel_b.any(dim=0).nonzero().squeeze(1)
             for start in range(0, union.numel(), chunk):

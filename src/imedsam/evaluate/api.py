@@ -1,4 +1,4 @@
-"""`imedsam evaluate` as a library call: predict a split from GT boxes, score, and write the report."""
+"""`imedsam evaluate` as a library call: predict a split under a prompt protocol, score, and write the report."""
 
 from __future__ import annotations
 
@@ -16,30 +16,54 @@ def run_evaluation(*, run: str | None, model: str | None, checkpoint: str | None
                    sizes: list, sweep: bool, out: str | Path, device: str = "auto", precision: str = "fp32",
                    seed: int = 0, limit: int | None = None, adaptive: bool = False,
                    min_component: int = 0, tta: str | None = None, box_jitter: tuple[float, float] | None = None,
-                   gt_dir: str | Path | None = None, nsd_tolerance: float = 2.0, empty_policy="nan") -> dict:
+                   gt_dir: str | Path | None = None, nsd_tolerance: float = 2.0, empty_policy="nan",
+                   prompt: str = "box", prompts_file: str | Path | None = None) -> dict:
     """Score a trained run (``run``) or a zero-shot model (``model``) on ``split`` of ``data``; returns a summary.
 
+    ``split``: a split name, or ``"all"`` (every case; also what a folder without splits gets). ``prompt``: the
+    protocol, ``box``, ``points:N`` or ``clicks:N`` (:mod:`imedsam.data.interaction`); the points drawn by
+    ``points:N`` are written to ``prompts.json`` in ``out``, and ``prompts_file`` reuses such a file.
     ``box_jitter``: (lo, hi) pixels, each side of the GT box expanded by U[lo, hi) (seeded by ``seed``); ``gt_dir``:
     a folder of masks named like the dataset's images to score against instead (see :func:`load_gt_dir`);
     ``nsd_tolerance`` and ``empty_policy``: as in :func:`imedsam.evaluate.metrics.binary_metrics`.
     """
     from imedsam.data import SegmentationDataset, discover
+    from imedsam.data.cases import dataset_cases
+    from imedsam.data.interaction import load_prompts, parse_protocol, save_prompts
     from imedsam.evaluate.metrics import conventions, summarize
     from imedsam.evaluate.protocol import __doc__ as protocol_text
     from imedsam.evaluate.protocol import evaluate_cases, predict_case
     from imedsam.evaluate.report import select_cases, write_report
-    from imedsam.infer.tta import parse_tta
     from imedsam.io.images import resize_rgb
     from imedsam.models.registry import build_system
+    from imedsam.models.views import parse_tta
     from imedsam.runtime import autocast_dtype, prepare_for_inference, resolve_device
-    from imedsam.train.api import dataset_cases
 
     views = parse_tta(tta)
+    protocol = parse_protocol(prompt)
+    if protocol.kind == "clicks" and len(views) > 1:
+        raise ImedsamError("--tta: the clicks protocol feeds back the previous mask and runs on the image itself; "
+                           "drop --tta or use --prompt box / points:N")
+    if limit is not None and limit < 1:
+        raise ImedsamError(f"--limit: must be >= 1 (the number of cases to score), got {limit}")
     index = discover(data)
-    if split not in index.counts():
-        raise ImedsamError(f"--split: {data} has no {split!r} split (it has {sorted(index.counts())})")
+    if split == "all" or not index.has_splits:
+        if split not in ("all", "test"):
+            raise ImedsamError(f"--split: {data} has no splits; use --split all (or leave it out) to score every "
+                               "case")
+        split_arg = None
+    elif split not in index.counts():
+        names = sorted(k for k in index.counts() if k is not None)
+        raise ImedsamError(f"--split: {data} has no {split!r} split; it has {', '.join(names)} (or use all)")
+    else:
+        split_arg = split
     jitter = {"mode": "expand", "expand": tuple(box_jitter)} if box_jitter else None
-    cases = dataset_cases(SegmentationDataset(index, split=split, box_jitter=jitter, seed=seed), limit=limit)
+    cases = dataset_cases(SegmentationDataset(index, split=split_arg, box_jitter=jitter, seed=seed), limit=limit)
+    reused = None
+    if prompts_file is not None:
+        if protocol.kind != "points":
+            raise ImedsamError(f"--prompts: only the points:N protocol draws prompts to reuse, not {protocol.name}")
+        reused = load_prompts(prompts_file, protocol, [c.case_id for c in cases])
     if gt_dir is not None:
         load_gt_dir(cases, gt_dir)
     spacing = next((c.spacing for c in cases if c.spacing is not None), None)  # distances in mm where known
@@ -47,17 +71,20 @@ def run_evaluation(*, run: str | None, model: str | None, checkpoint: str | None
         spacing=spacing, nsd_tolerance=nsd_tolerance, empty_policy=empty_policy)
     dev = resolve_device(device)
     amp = autocast_dtype(dev, precision)
-    system = build_system("imedsam", adapter=run) if run else build_system(model, checkpoint=checkpoint)
+    system = build_system(adapter=run) if run else build_system(model, checkpoint=checkpoint)
+    system.check_prompts(protocol.prompt_types)
     if adaptive:
         from imedsam.models.imedsam import set_adaptive_decoding
 
         set_adaptive_decoding(system)
     prepare_for_inference(system, dev, amp)  # built here for inference only
-    rows = evaluate_cases(system, cases, sizes=sizes, device=dev, amp_dtype=amp, seed=seed,
-                          min_component=min_component, views=views, nsd_tolerance=nsd_tolerance,
-                          empty_policy=empty_policy)
+    rows, used = evaluate_cases(system, cases, sizes=sizes, device=dev, amp_dtype=amp, seed=seed,
+                                min_component=min_component, views=views, nsd_tolerance=nsd_tolerance,
+                                empty_policy=empty_policy, protocol=protocol, prompts=reused)
     if not rows:
         raise ImedsamError(f"--data: no case with a non-empty mask in split {split!r}")
+    if protocol.kind == "points":
+        save_prompts(Path(out) / "prompts.json", used, protocol, seed)
     sweep_means = None
     if sweep:
         sweep_means = {}
@@ -73,23 +100,57 @@ def run_evaluation(*, run: str | None, model: str | None, checkpoint: str | None
         case = by_id[case_id]
         grid = case.native_grid if sizes[0] is None else tuple(sizes[0])
         pred = predict_case(system, case, size=grid, device=dev, amp_dtype=amp, seed=seed,
-                            min_component=min_component, views=views)
+                            min_component=min_component, views=views, protocol=protocol,
+                            index=cases.index(case), prompt=used.get(case.case_id))
         overlays[f"{label}: {case_id}"] = (resize_rgb(case.image, grid), case.gt_on(grid), pred)
     config = {"run": str(run) if run else None, "model": model, "checkpoint": checkpoint, "data": str(data),
               "split": split, "grids": [s if s is None else list(s) for s in sizes], "precision": precision,
               "decoding": "adaptive" if adaptive else "exact", "min_component": min_component,
               "tta": ",".join(v.name for v in views),
               "seed": seed, "gt_dir": None if gt_dir is None else str(gt_dir),
-              "prompt": "tight box of the ground-truth mask at the dataset image's resolution"
-                        + (f", each side expanded by U[{box_jitter[0]:g}, {box_jitter[1]:g}) px (seed {seed})"
-                           if box_jitter else ""),
+              "prompt": _prompt_text(protocol, box_jitter, seed, prompts_file),
               "protocol": " ".join(protocol_text.split())}
     paths = write_report(out, rows, config=config, conventions=metric_conventions, overlays=overlays,
                          sweep=sweep_means, title=f"imedsam evaluation: {run or model} on {Path(data).name}/{split}",
                          group_by="gt_components")
     summary = summarize(main_rows)
-    return {"report": str(Path(paths["html"]).resolve()), "cases": len(main_rows),
-            "dice": summary["dice"]["mean"], "hd95": summary["hd95"]["mean"], "sweep": sweep_means}
+    result = {"report": str(Path(paths["html"]).resolve()), "protocol": protocol.name, "cases": len(main_rows),
+              "dice": summary["dice"]["mean"], "dice_per_image": per_image_mean(main_rows, "dice"),
+              "hd95": summary["hd95"]["mean"], "sweep": sweep_means}
+    if protocol.kind == "clicks":
+        result.update(click_summary(main_rows, protocol.n))
+    return result
+
+
+def per_image_mean(rows: list[dict], key: str) -> float:
+    """Mean over images of the per-image mean of ``key`` (rows of several objects of one image count once)."""
+    by_image: dict[str, list[float]] = {}
+    for r in rows:
+        by_image.setdefault(r.get("image", r["case"]), []).append(float(r[key]))
+    return float(np.mean([np.mean(v) for v in by_image.values()]))
+
+
+def click_summary(rows: list[dict], n: int) -> dict:
+    """Mean Dice after each click (per mask) and mean NoC@85 / NoC@90 of a clicks protocol's rows."""
+    out = {"dice_per_click": [round(float(np.mean([r[f"dice_click_{i}"] for r in rows])), 4)
+                              for i in range(1, n + 1)]}
+    for key in ("noc85", "noc90"):
+        out[key] = round(float(np.mean([r[key] for r in rows])), 3)
+    return out
+
+
+def _prompt_text(protocol, box_jitter, seed: int, prompts_file) -> str:
+    if protocol.kind == "box":
+        return ("tight box of the ground-truth mask at the dataset image's resolution"
+                + (f", each side expanded by U[{box_jitter[0]:g}, {box_jitter[1]:g}) px (seed {seed})"
+                   if box_jitter else ""))
+    if protocol.kind == "points":
+        source = f"read from {prompts_file}" if prompts_file else f"drawn with seed {seed}, saved in prompts.json"
+        return (f"{protocol.n} random point(s) from the ground truth ({'1 foreground' if protocol.n == 1 else f'{protocol.n // 2} foreground + {protocol.n - protocol.n // 2} background'}), "
+                f"{source}")
+    return (f"{protocol.n} corrective clicks, each at the interior-most pixel of the largest error region (label "
+            "1 on a false negative, 0 on a false positive), accumulated, previous logits as mask prompt when the "
+            "model takes one; Dice after each click, NoC@85/90 capped at the click count")
 
 
 def load_gt_dir(cases: list, gt_dir: str | Path) -> None:

@@ -1,4 +1,4 @@
-"""`Segmenter`: embed an image once, answer many prompts, on any output grid.
+"""`Segmenter`: embed an image once, answer many prompts, on any output grid; interactive refinement.
 
 Example::
 
@@ -6,6 +6,10 @@ Example::
     seg.set_image(array)                      # (H, W) or (H, W, 3); computes the embedding once
     pred = seg.predict(box=(30, 40, 90, 100)) # prompts in ORIGINAL image pixel coordinates
     pred.masks                                # (K, H, W) bool on the original grid
+
+    seg.refine(box=(30, 40, 90, 100))         # interaction: a box, then clicks where the mask is wrong
+    seg.refine(point=(55, 70), label=0)       # background click: all clicks + previous logits as mask prompt
+    seg.undo(); seg.reset()
 """
 
 from __future__ import annotations
@@ -17,12 +21,12 @@ import numpy as np
 import torch
 
 from imedsam.errors import ImedsamError
-from imedsam.infer.postprocess import remove_small_components
-from imedsam.infer.prepare import PreparedImage, check_box, check_points
-from imedsam.infer.tta import EncodedView, encode_views, mean_over_views, parse_tta
 from imedsam.io.sample import Sample
 from imedsam.models.base import SegmentationSystem
+from imedsam.models.postprocess import remove_small_components
+from imedsam.models.views import EncodedView, encode_views, mean_over_views, parse_tta
 from imedsam.runtime import autocast, autocast_dtype, prepare_for_inference, resolve_device
+from imedsam.sam.prepare import PreparedImage, check_box, check_points
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,15 @@ class Prediction:
     uncertainty: np.ndarray | None = None
 
 
+@dataclass(frozen=True)
+class Interaction:
+    """The prompts of one interaction state: the box, the clicks so far, and what they gave."""
+
+    box: tuple[float, float, float, float] | None
+    clicks: tuple[tuple[float, float, int], ...]
+    prediction: Prediction
+
+
 class Segmenter:
     """Caches one image embedding and decodes prompts onto any grid of that image.
 
@@ -61,7 +74,7 @@ class Segmenter:
             A model built here from its name is frozen and keeps its Linear/Conv weights in that dtype
             (:func:`imedsam.runtime.prepare_for_inference`); a system passed in is left as it is.
         seed: seed of the Monte-Carlo dropout passes (uncertainty), so that repeated calls agree.
-        tta: flip test-time augmentation (:mod:`imedsam.infer.tta`): ``None``/``"none"``, or flips among ``h``,
+        tta: flip test-time augmentation (:mod:`imedsam.models.views`): ``None``/``"none"``, or flips among ``h``,
             ``v``, ``hv`` such as ``"h,v"``; each flip adds one encoder pass per image. Box and point prompts only.
     """
 
@@ -82,6 +95,7 @@ class Segmenter:
         self.seed = seed
         self._prepared: PreparedImage | None = None
         self._encoded: list[EncodedView] = []
+        self._history: list[Interaction] = []
 
     @property
     def original_size(self) -> tuple[int, int]:
@@ -97,6 +111,7 @@ class Segmenter:
         with torch.inference_mode(), autocast(self.device, self.amp_dtype):
             self._encoded = encode_views(self.system, np.asarray(image), self.views, self.device)
         self._prepared = self._encoded[0].prepared
+        self._history = []
 
     def predict(self, box=None, points=None, point_labels=None, mask_input=None, *, multimask: bool = False,
                 size: tuple[int, int] | None = None, uncertainty: bool = False,
@@ -106,7 +121,9 @@ class Segmenter:
         Args:
             box: (x0, y0, x1, y1).
             points: (N, 2) xy; ``point_labels``: (N,) 1 foreground / 0 background.
-            mask_input: (h, w) or (1, h, w) low-res logits from a previous ``Prediction.low_res_logits``.
+            mask_input: (h, w) or (1, h, w) low-res logits from a previous ``Prediction.low_res_logits``, or a
+                mask of the original image's size (bool or 0/1), turned into such logits
+                (:func:`imedsam.sam.prepare.mask_to_low_res`).
             multimask: return SAM's 3 candidate masks instead of 1.
             size: output grid (H_o, W_o); default the original image size.
             uncertainty: also return the per-pixel uncertainty map (implicit decoders only).
@@ -117,6 +134,8 @@ class Segmenter:
         prepared = self._prepared
         if box is None and points is None and mask_input is None:
             raise ImedsamError("no prompt given: pass a box (--box X0 Y0 X1 Y1) and/or points (--point X Y LABEL)")
+        kinds = [k for k, v in (("box", box), ("points", points), ("mask", mask_input)) if v is not None]
+        self.system.check_prompts(kinds)
         if size is not None:
             size = (int(size[0]), int(size[1]))
             if min(size) < 1:
@@ -135,8 +154,7 @@ class Segmenter:
             for encoded in self._encoded:
                 prompts = encoded.prompts(box, points, point_labels)
                 if mask_input is not None:  # one view only (checked above)
-                    m = torch.as_tensor(np.asarray(mask_input, dtype=np.float32), device=self.device)
-                    prompts.mask_input = m.view(1, 1, *m.shape[-2:])
+                    prompts.mask_input = self._mask_prompt(mask_input)
                 out = self.system.decode(encoded.embedding, encoded.prepared, prompts, multimask=multimask,
                                          size=size, uncertainty=uncertainty, seed=self.seed)
                 restore = encoded.view.restore
@@ -151,6 +169,65 @@ class Segmenter:
             low_res_logits=None if low_res is None else low_res[0].float().cpu().numpy(),
             uncertainty=None if outs[0][2] is None else mean_over_views([o[2] for o in outs]).cpu().numpy(),
         )
+
+    def _mask_prompt(self, mask_input) -> torch.Tensor:
+        """Low-res logits (h, w) / (1, h, w) as they are, or an original-size mask converted."""
+        from imedsam.sam.prepare import mask_to_low_res
+
+        low = tuple(self.system.prompt_encoder.mask_input_size)
+        m = np.asarray(mask_input)
+        if m.ndim == 3 and m.shape[0] == 1:
+            m = m[0]
+        if m.shape == low and m.dtype != bool:
+            t = torch.as_tensor(m.astype(np.float32))
+        else:
+            t = mask_to_low_res(m, self._prepared, low)
+        return t.view(1, 1, *low).to(self.device)
+
+    # ------------------------------------------------------------------------------------------ interaction
+    @property
+    def history(self) -> list[Interaction]:
+        """The interaction so far, oldest first (``refine`` appends, ``undo`` pops, ``reset`` clears)."""
+        return list(self._history)
+
+    def refine(self, point: tuple[float, float] | None = None, label: int = 1, *,
+               box: tuple[float, float, float, float] | None = None, size: tuple[int, int] | None = None,
+               uncertainty: bool = False) -> Prediction:
+        """Add a click (``point`` in original pixels, ``label`` 1 foreground / 0 background) and/or set the box,
+        and decode with the box, every click so far and, when the system takes mask prompts, the previous
+        prediction's low-res logits. Returns the new prediction (one mask); ``undo`` goes back one step."""
+        self._require_image()
+        if point is None and box is None:
+            raise ImedsamError("refine: give a point (x, y) with its label, and/or a box")
+        last = self._history[-1] if self._history else None
+        new_box = tuple(float(v) for v in box) if box is not None else (last.box if last else None)
+        clicks = last.clicks if last else ()
+        if point is not None:
+            if label not in (0, 1):
+                raise ImedsamError(f"refine: label must be 1 (foreground) or 0 (background), got {label!r}")
+            clicks = clicks + ((float(point[0]), float(point[1]), int(label)),)
+        points = labels = None
+        if clicks:
+            points = np.array([c[:2] for c in clicks], dtype=np.float64)
+            labels = np.array([c[2] for c in clicks], dtype=np.int64)
+        mask_input = None
+        if last is not None and last.prediction.low_res_logits is not None and "mask" in self.system.prompt_types \
+                and len(self._encoded) == 1:
+            mask_input = last.prediction.low_res_logits[:1]
+        pred = self.predict(box=new_box, points=points, point_labels=labels, mask_input=mask_input, size=size,
+                            uncertainty=uncertainty)
+        self._history.append(Interaction(new_box, clicks, pred))
+        return pred
+
+    def undo(self) -> Prediction | None:
+        """Drop the last interaction step; returns the prediction now current (None when nothing is left)."""
+        if self._history:
+            self._history.pop()
+        return self._history[-1].prediction if self._history else None
+
+    def reset(self) -> None:
+        """Forget the interaction (the image and its embedding stay)."""
+        self._history = []
 
     def _require_image(self) -> None:
         if self._prepared is None:

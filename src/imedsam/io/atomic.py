@@ -62,3 +62,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         raise
     logger.debug("wrote %s", target)
     return target
+
+
+def check_writable(path: str | os.PathLike, argument: str = "output") -> Path:
+    """Check, before any work, that ``path`` can be written: not a folder, and its folder exists and is writable
+    or can be created (its nearest existing parent is a writable folder). Raises a one-line ImedsamError."""
+    target = Path(path)
+    if target.is_dir():
+        raise ImedsamError(f"{argument}: {target} is a folder; give a file name")
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ImedsamError(f"{argument}: cannot create a folder for {target}: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ImedsamError(f"{argument}: {parent} is not writable; choose an output in a writable folder")
+    return target

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from pathlib import Path
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from imedsam.decoders.coords import sample_features
 from imedsam.decoders.implicit import (
@@ -32,35 +33,39 @@ from imedsam.decoders.implicit import (
     sample_training_points,
 )
 from imedsam.errors import ImedsamError
-from imedsam.infer.prepare import PreparedImage, grid_query_coords
-from imedsam.models.base import DecodeResult, Prompts, SegmentationSystem
-from imedsam.models.config import ModelConfig
-from imedsam.peft import PeftConfig, inject_adapters, load_adapter_state_dict, load_adapters, save_adapters
+from imedsam.models.base import DecodeResult, Prompts, SegmentationSystem, trainable_breakdown
+from imedsam.models.config import SystemConfig
+from imedsam.models.spec import SystemSpec
+from imedsam.peft import PeftConfig, inject_adapters
 from imedsam.sam.build import build_sam
 from imedsam.sam.model import SamModel
+from imedsam.sam.prepare import PreparedImage, grid_query_coords
 
 log = logging.getLogger(__name__)
 
-ADAPTER_FILES = ("best.safetensors", "adapter.safetensors")
 TRANSFORMER_PARTS = ("transformer", "iou_token", "mask_tokens")  # of the mask decoder: decoder.train_transformer
 
 
-def peft_config(config: ModelConfig) -> PeftConfig:
-    p = config.peft
-    return PeftConfig(mode=config.mode, lora_rank=p.lora_rank, lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout,
-                      lora_gate=p.lora_gate, frequency=p.frequency, fa_hidden=p.fa_hidden, fa_scale=p.fa_scale,
-                      fa_gate_init=p.fa_gate_init, log_amplitude=p.log_amplitude)
+class IMedSAMDecoderConfig(ImplicitDecoderConfig):
+    """The implicit decoder's options, plus how it sits on SAM's mask-decoder trunk."""
+
+    sam_prior: bool = Field(False, description="add the backbone's own SAM mask logit (its low-res mask, "
+                                               "bilinearly interpolated at each query point) to the implicit "
+                                               "decoder's logits; the logit heads start at zero, so the system "
+                                               "starts as the zero-shot backbone")
+    train_transformer: bool = Field(False, description="also train the backbone's SAM two-way transformer and its "
+                                                       "output tokens (frozen in I-MedSAM, systems.md A.5; "
+                                                       "trained in SAM-Med2D and MA-SAM), at the adapter learning "
+                                                       "rate: lets a box prompt learn to separate the objects "
+                                                       "inside it; +3.3M parameters on LiteMedSAM")
 
 
-def decoder_config(config: ModelConfig, transformer_dim: int) -> ImplicitDecoderConfig:
-    d = config.decoder
-    return ImplicitDecoderConfig(
-        feature_dim=transformer_dim // 8, prompt_dim=transformer_dim, mode=config.mode,
-        encoding=d.encoding if config.mode == "paper" else None, num_octaves=d.num_octaves,
-        coarse_hidden=tuple(d.coarse_hidden), coarse_feature_dim=d.coarse_feature_dim,
-        fine_hidden=tuple(d.fine_hidden), dropout=d.dropout,
-        mc_samples=d.mc_samples if config.mode == "paper" else None,
-        topk_ratio=d.topk_ratio, chunk_size=d.chunk_size, adaptive=d.adaptive)
+class IMedSAMConfig(SystemConfig):
+    """I-MedSAM: ``peft`` (LoRA + frequency adapter, :class:`imedsam.peft.PeftConfig`) and ``decoder``."""
+
+    system: Literal["imedsam"] = "imedsam"
+    peft: PeftConfig = PeftConfig()
+    decoder: IMedSAMDecoderConfig = IMedSAMDecoderConfig()
 
 
 def set_adaptive_decoding(system: SegmentationSystem, enabled: bool = True, argument: str = "--adaptive") -> None:
@@ -76,12 +81,17 @@ def set_adaptive_decoding(system: SegmentationSystem, enabled: bool = True, argu
 class IMedSAM(SegmentationSystem):
     """I-MedSAM on any SAM-family backbone (see the module docstring)."""
 
-    def __init__(self, sam: SamModel, config: ModelConfig) -> None:
+    name: ClassVar[str] = "imedsam"
+    prompt_types: ClassVar[frozenset[str]] = frozenset({"box", "points", "mask"})
+    has_uncertainty: ClassVar[bool] = True
+    val_protocols: ClassVar[tuple[str, ...]] = ("box",)
+
+    def __init__(self, sam: SamModel, config: IMedSAMConfig) -> None:
         super().__init__()
         self.config = config
         for param in sam.parameters():
             param.requires_grad_(False)
-        self.image_encoder = inject_adapters(sam.image_encoder, peft_config(config))
+        self.image_encoder = inject_adapters(sam.image_encoder, config.peft, config.mode)
         self.prompt_encoder = sam.prompt_encoder
         self.mask_decoder = sam.mask_decoder
         self.prompt_encoder.requires_grad_(True)
@@ -89,7 +99,8 @@ class IMedSAM(SegmentationSystem):
         if config.decoder.train_transformer:
             for part in TRANSFORMER_PARTS:
                 getattr(self.mask_decoder, part).requires_grad_(True)
-        self.decoder = ImplicitDecoder(decoder_config(config, self.mask_decoder.transformer_dim))
+        dim = self.mask_decoder.transformer_dim
+        self.decoder = ImplicitDecoder(config.decoder, feature_dim=dim // 8, prompt_dim=dim, mode=config.mode)
         if config.decoder.sam_prior:
             self._zero_logit_heads()
         preprocess = sam.preprocess
@@ -101,9 +112,7 @@ class IMedSAM(SegmentationSystem):
     def encode(self, images: torch.Tensor, valid_hw=None) -> torch.Tensor:
         """(B, 3, S, S) -> (B, C, h, w); ``valid_hw`` (the un-padded size) reaches the frequency branch, the only
         part that must ignore the padding (without it, ``peft.frequency=false``, it is not needed)."""
-        if valid_hw is not None and self.config.peft.frequency:
-            return self.image_encoder(images, valid_hw)
-        return self.image_encoder(images)
+        return self.image_encoder(images, valid_hw=valid_hw)
 
     def _features(self, embeddings: torch.Tensor,
                   prompts: Prompts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -131,9 +140,14 @@ class IMedSAM(SegmentationSystem):
                 last.weight.zero_()
                 last.bias.zero_()
 
-    def is_decoder_parameter(self, name: str) -> bool:
-        """True for the implicit decoder's parameters (their own learning rate)."""
-        return name.startswith("decoder.")
+    def param_groups(self) -> dict[str, list[torch.nn.Parameter]]:
+        """The implicit decoder at ``optim.lr_decoder``; the adapters, prompt encoder, upscaler (and, with
+        ``train_transformer``, the two-way transformer) at ``optim.lr_adapter``."""
+        groups: dict[str, list[torch.nn.Parameter]] = {"decoder": [], "adapters": []}
+        for name, param in self.named_parameters():
+            if param.requires_grad:
+                groups["decoder" if name.startswith("decoder.") else "adapters"].append(param)
+        return groups
 
     # ----------------------------------------------------------------- training
     def forward_train(self, images: torch.Tensor, boxes: torch.Tensor, masks: torch.Tensor, *, n_points: int,
@@ -208,79 +222,31 @@ class IMedSAM(SegmentationSystem):
             prior = F.interpolate(prior.float(), size=frame, mode="bilinear", align_corners=False)[crop]
         return out, prior
 
-    # ----------------------------------------------------------------- weights
-    def save_trainable(self, path: str | Path, config: dict | None = None) -> Path:
-        """Write the trainable tensors + config (``{"model": ...}`` at least) as safetensors, atomically."""
-        return save_adapters(path, self, config or {"model": self.config.model_dump(mode="json")})
-
-    def load_trainable(self, path: str | Path) -> None:
-        state, _ = load_adapters(path)
-        load_adapter_state_dict(self, state, strict=True)
-
-
-def resolve_adapter_file(adapter: str | Path) -> Path:
-    """An adapter file, or a run folder (its ``best.safetensors``, else ``adapter.safetensors``)."""
-    path = Path(adapter)
-    if path.is_dir():
-        for name in ADAPTER_FILES:
-            if (path / name).exists():
-                return path / name
-        raise ImedsamError(f"--adapter: no {' or '.join(ADAPTER_FILES)} in {path}; is it a training run folder?")
-    if not path.exists():
-        raise ImedsamError(f"--adapter: file not found: {path}")
-    return path
-
-
-def build_imedsam(*, checkpoint: str | Path | None = None, adapter: str | Path | None = None,
-                  backbone: str | None = None, config: ModelConfig | None = None, pretrained: bool = True,
-                  **overrides) -> IMedSAM:
-    """Build I-MedSAM; with ``adapter`` its saved config is used and its trained tensors are loaded."""
-    adapter_file = None
-    if adapter is not None:
-        adapter_file = resolve_adapter_file(adapter)
-        _, saved = load_adapters(adapter_file)
-        saved = saved or {}
-        config = ModelConfig.model_validate(saved.get("model", saved))
-    config = config or ModelConfig()
-    changes = {k: v for k, v in {"backbone": backbone, "checkpoint": checkpoint, **overrides}.items()
-               if v is not None}
-    if changes:
-        config = config.model_copy(update=changes)
+def build_imedsam(config: IMedSAMConfig, *, pretrained: bool = True) -> IMedSAM:
+    """I-MedSAM on its backbone (base weights loaded, adapters and decoder freshly initialised)."""
     sam = build_sam(config.backbone, checkpoint=config.checkpoint, img_size=config.img_size, pretrained=pretrained)
-    system = IMedSAM(sam, config)
-    if adapter_file is not None:
-        system.load_trainable(adapter_file)
-        log.info("loaded adapter %s", adapter_file)
-    return system
+    return IMedSAM(sam, config)
 
 
-def imedsam_parameter_breakdown(backbone: str = "litemedsam", mode: str = "paper",
-                                img_size: int | None = None) -> dict:
-    """Trainable parameters per group (random init: counts do not depend on weights)."""
-    config = ModelConfig(backbone=backbone, mode=mode, img_size=img_size)
-    system = build_imedsam(config=config, pretrained=False)
-    groups = {"LoRA (A, B)": 0, "LoRA gates": 0, "frequency adapters": 0, "prompt encoder": 0,
-              "output_upscaling": 0, "two-way transformer + tokens": 0}
-    groups.update({f"implicit decoder: {k}": v for k, v in system.decoder.parameter_groups().items()
-                   if k != "total"})
-    for name, param in system.named_parameters():
-        if not param.requires_grad or name.startswith("decoder."):
-            continue
-        if "lora_gate" in name:
-            groups["LoRA gates"] += param.numel()
-        elif "lora_" in name:
-            groups["LoRA (A, B)"] += param.numel()
-        elif name.startswith("image_encoder.adapters."):
-            groups["frequency adapters"] += param.numel()
-        elif name.startswith("prompt_encoder."):
-            groups["prompt encoder"] += param.numel()
-        elif name.startswith("mask_decoder.output_upscaling."):
-            groups["output_upscaling"] += param.numel()
-        elif name.startswith(tuple(f"mask_decoder.{part}." for part in TRANSFORMER_PARTS)):
-            groups["two-way transformer + tokens"] += param.numel()
-        else:
-            groups[name] = param.numel()
-    trainable = sum(p.numel() for p in system.parameters() if p.requires_grad)
-    assert trainable == sum(groups.values()), "every trainable tensor is in exactly one group"
-    return {"model": "imedsam", "backbone": backbone, "mode": mode, "trainable": groups,
-            "total_trainable": trainable, "total": sum(p.numel() for p in system.parameters())}
+def breakdown(system: IMedSAM) -> dict[str, int]:
+    """Trainable parameters per group (``imedsam info --model imedsam``)."""
+    groups = {
+        "LoRA (A, B)": lambda n: ".lora_A." in n or ".lora_B." in n,
+        "LoRA gates": lambda n: ".lora_gate." in n,
+        "frequency adapters": lambda n: ".mlp_parallel.frequency." in n,
+        "prompt encoder": lambda n: n.startswith("prompt_encoder."),
+        "output_upscaling": lambda n: n.startswith("mask_decoder.output_upscaling."),
+        "two-way transformer + tokens": lambda n: n.startswith(tuple(f"mask_decoder.{p}" for p in TRANSFORMER_PARTS)),
+    }
+    for part, count in system.decoder.parameter_groups().items():
+        if part != "total":
+            prefix = {"coarse_trunk": "decoder.coarse_trunk.", "fine_trunk": "decoder.fine_trunk.",
+                      "coarse_head": "decoder.coarse_heads.", "fine_head": "decoder.fine_heads."}[part]
+            groups[f"implicit decoder: {part}"] = (lambda p: lambda n: n.startswith(p))(prefix)
+    return trainable_breakdown(system, groups)
+
+
+SPEC = SystemSpec(
+    name="imedsam", cls=IMedSAM, description="I-MedSAM: LoRA(q,v) + frequency adapter + implicit coarse-to-fine decoder",
+    config=IMedSAMConfig, build=build_imedsam, breakdown=breakdown, objective="implicit_points", vit_size=384,
+    options={"num_classes": "decoder.num_classes"})

@@ -135,14 +135,52 @@ def _valid_regions(valid_hw: HW | Sequence[HW] | None, b: int, h: int, w: int) -
     return regions
 
 
+STREAM_KEY = "frequency"  # where the stream's tokens live in EncoderContext.state
+
+
+class FrequencyStream(nn.Module):
+    """The frequency side stream of an encoder (``encoder.streams["frequency"]``; no parameters).
+
+    ``begin`` computes ``F_0`` from the encoder input: :func:`frequency_image` (over ``ctx.valid_hw``) through the
+    encoder's own frozen embedding (ViT: ``embed``, patch embedding + position embedding; TinyViT: the stem
+    ``patch_embed``). TinyViT's ``follow`` passes ``F`` through each stage's frozen ``PatchMerging``, so it has
+    the tokens' grid and width at every attention stage (module docstring of :mod:`imedsam.peft.inject`).
+    """
+
+    def __init__(self, *, reference: bool = False, log_amplitude: bool = True) -> None:
+        super().__init__()
+        self.reference = bool(reference)
+        self.log_amplitude = bool(log_amplitude)
+
+    def begin(self, encoder: nn.Module, images: torch.Tensor, ctx) -> None:
+        freq = frequency_image(images, reference=self.reference, log_amplitude=self.log_amplitude,
+                               valid_hw=ctx.valid_hw)
+        if hasattr(encoder, "embed"):  # ViT
+            ctx.state[STREAM_KEY] = encoder.embed(freq)
+            return
+        f = encoder.patch_embed(freq)
+        if encoder.layers[0].downsample is None:  # no merge after the stem: tokens at the stem grid
+            f = f.flatten(2).transpose(1, 2)
+        ctx.state[STREAM_KEY] = f
+
+    def follow(self, merge: nn.Module, ctx) -> None:
+        ctx.state[STREAM_KEY] = merge(ctx.state[STREAM_KEY])
+
+    def extra_repr(self) -> str:
+        return f"reference={self.reference}, log_amplitude={self.log_amplitude}"
+
+
 class FrequencyAdapter(nn.Module):
-    """One block's Frequency Adapter: ``F_i = z + up(GELU(down(z)))``, ``z = LN_f(F_{i-1})``.
+    """One block's Frequency Adapter, attached in the block's ``mlp_parallel`` slot.
+
+    :meth:`step` is the adapter proper, ``F_i = z + up(GELU(down(z)))`` with ``z = LN_f(F_{i-1})``; as a slot
+    adapter (:meth:`forward`) it takes ``F_{i-1}`` from the frequency stream, stores ``F_i`` back for the next
+    block and returns what joins the residual stream, ``scale * F_i`` (:meth:`merge`), beside the MLP.
 
     Args:
         dim: token width C.
         hidden: bottleneck width (4 in I-MedSAM).
-        scale: factor with which the *block* adds ``F_i`` to its residual stream (stored here, applied by the
-            adapted encoder).
+        scale: factor with which the block adds ``F_i`` to its residual stream.
         skip: include ``z`` in the output (I-MedSAM's ``skip_connect=True``); ``False`` gives ``up(GELU(down(z)))``.
         norm_trainable: whether ``LN_f`` trains (paper mode) or stays frozen at weight 1 / bias 0 (reference).
         eps: LayerNorm epsilon.
@@ -150,7 +188,7 @@ class FrequencyAdapter(nn.Module):
             ``scale * gate * F_i``, initialised to it; ``0.0`` makes the adapted encoder exactly the pretrained
             one at initialisation (useful when fine-tuning budgets are short).
 
-    Shapes: ``(B, ..., C) -> (B, ..., C)``.
+    Shapes: ``(B, ..., C) -> (B, ..., C)`` (the stream has the block's token layout).
     """
 
     def __init__(
@@ -181,10 +219,20 @@ class FrequencyAdapter(nn.Module):
         """What the block adds to its residual stream: ``scale * F_i`` (times the gate, when there is one)."""
         return self.scale * f if self.gate is None else (self.scale * self.gate.to(f.dtype)) * f
 
-    def forward(self, f: torch.Tensor) -> torch.Tensor:
+    def step(self, f: torch.Tensor) -> torch.Tensor:
+        """``F_{i-1} -> F_i``."""
         z = self.norm(f)
         y = self.up(self.act(self.down(z)))
         return z + y if self.skip else y
+
+    def forward(self, h: torch.Tensor, ctx) -> torch.Tensor:
+        """Slot protocol: advance the stream in ``ctx.state`` and return ``merge(F_i)`` (``h`` is unused)."""
+        if ctx is None or STREAM_KEY not in ctx.state:
+            raise ImedsamError("FrequencyAdapter: the encoder has no frequency stream; attach adapters with "
+                               "imedsam.peft.inject_adapters")
+        f = self.step(ctx.state[STREAM_KEY])
+        ctx.state[STREAM_KEY] = f
+        return self.merge(f)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, hidden={self.hidden}, scale={self.scale:g}, skip={self.skip}"

@@ -31,6 +31,8 @@ Two output layouts are supported:
   ``key_dim`` and ``value_dim``; the q columns are then ``h * (2 kd + vd) + [0, kd)`` for every head ``h``, and
   so on. ``B_q`` maps to ``num_heads * key_dim`` outputs in head-major order, scattered into those columns.
 
+:func:`attach_lora` puts it at the ``qkv`` insertion point of an encoder's attention blocks.
+
 The frozen base layer is kept as the submodule ``base`` (so its weight is ``<prefix>.qkv.base.weight``); the
 trainable tensors are ``<prefix>.qkv.lora_A.<t>.weight``, ``<prefix>.qkv.lora_B.<t>.weight`` and, with a gate,
 ``<prefix>.qkv.lora_gate.weight``.
@@ -194,7 +196,7 @@ def _target_columns(
                 "give num_heads, key_dim and value_dim for an interleaved layout"
             )
         d = n_out // 3
-        return {t: torch.arange(i * d, (i + 1) * d) for i, t in enumerate(TARGETS)}
+        return {t: torch.arange(i * d, (i + 1) * d, device="cpu") for i, t in enumerate(TARGETS)}
     if not all(given):
         raise ImedsamError("interleaved qkv layout needs all of num_heads, key_dim and value_dim")
     nh, kd, vd = int(num_heads), int(key_dim), int(value_dim)  # type: ignore[arg-type]
@@ -204,9 +206,41 @@ def _target_columns(
             f"interleaved qkv layout: num_heads*(2*key_dim+value_dim) = {nh}*(2*{kd}+{vd}) "
             f"!= out_features {n_out}"
         )
-    start = torch.arange(nh).unsqueeze(1) * per_head
+    start = torch.arange(nh, device="cpu").unsqueeze(1) * per_head
     return {
-        "q": (start + torch.arange(kd)).reshape(-1),
-        "k": (start + kd + torch.arange(kd)).reshape(-1),
-        "v": (start + 2 * kd + torch.arange(vd)).reshape(-1),
+        "q": (start + torch.arange(kd, device="cpu")).reshape(-1),
+        "k": (start + kd + torch.arange(kd, device="cpu")).reshape(-1),
+        "v": (start + 2 * kd + torch.arange(vd, device="cpu")).reshape(-1),
     }
+
+
+def attach_lora(
+    encoder: nn.Module,
+    *,
+    rank: int,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    targets: Sequence[str] = ("q", "v"),
+    gate: bool = False,
+    blocks: Sequence[int] | None = None,
+) -> list[int]:
+    """Replace ``attn.qkv`` of the selected attention blocks by :class:`LoRAQKV` (the ``qkv`` insertion point).
+
+    ``blocks``: indices into :func:`imedsam.peft.backbone.attention_blocks` (``None`` = all). The column layout
+    follows the encoder (contiguous for the ViT, per-head interleaved for TinyViT). Returns the wrapped indices.
+    """
+    from imedsam.peft.backbone import attention_blocks
+
+    all_blocks = attention_blocks(encoder)
+    selected = list(range(len(all_blocks))) if blocks is None else list(blocks)
+    bad = [i for i in selected if not 0 <= i < len(all_blocks)]
+    if bad:
+        raise ImedsamError(f"lora_blocks {bad} out of range: the encoder has {len(all_blocks)} attention blocks "
+                           f"(0..{len(all_blocks) - 1})")
+    for i in selected:
+        attn = all_blocks[i].attn
+        heads = {}
+        if hasattr(attn, "key_dim"):  # TinyViT: per-head interleaved [q, k, v]
+            heads = {"num_heads": attn.num_heads, "key_dim": attn.key_dim, "value_dim": attn.d}
+        attn.qkv = LoRAQKV(attn.qkv, rank=rank, alpha=alpha, dropout=dropout, targets=targets, gate=gate, **heads)
+    return selected

@@ -150,13 +150,14 @@ def _build_encoder(spec: ModelSpec, img_size: int) -> nn.Module:
     return TinyViT(img_size=img_size, **spec.encoder_config)
 
 
-def build_sam(name: str, checkpoint: str | Path | None = None, img_size: int | None = None, *,
-              pretrained: bool = True) -> SamModel:
+def build_sam(name: str, checkpoint: str | Path | dict[str, torch.Tensor] | None = None,
+              img_size: int | None = None, *, pretrained: bool = True) -> SamModel:
     """Build a registered SAM-family model, load its weights, and return it in eval mode.
 
     Args:
         name: a registry name (:func:`list_models`).
-        checkpoint: weights file (official layout, raw or under ``"model"``/``"state_dict"``). For ``litemedsam``
+        checkpoint: weights file (official layout, raw or under ``"model"``/``"state_dict"``), or such a state dict
+            already read. For ``litemedsam``
             the bundled weights are used when omitted; ``sam_vit_*`` and ``mobilesam`` require one unless
             ``pretrained=False``.
         img_size: encoder input side S (default: the model's). Must be a multiple of 16 for ViTs (the

@@ -90,13 +90,14 @@ def guess_model_name(state_dict: Mapping[str, torch.Tensor]) -> str | None:
     return None
 
 
-def load_checkpoint(model: nn.Module, path: str | Path, *, name: str | None = None,
+def load_checkpoint(model: nn.Module, path: str | Path | Mapping[str, torch.Tensor], *, name: str | None = None,
                     adapt: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> nn.Module:
     """Load a checkpoint file strictly into ``model`` (in place) and return the model.
 
     Args:
         model: the freshly built model (e.g. a :class:`~imedsam.sam.model.SamModel`).
-        path: checkpoint file (raw state dict, or under ``"model"``/``"state_dict"``).
+        path: checkpoint file (raw state dict, or under ``"model"``/``"state_dict"``), or a state dict already
+            read (e.g. the SAM part of a larger checkpoint).
         name: the registry name the model was built as; used in error messages.
         adapt: optional transform applied to the state dict before loading (e.g. resizing ViT position
             embeddings to the model's input size).
@@ -104,8 +105,11 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, name: str | None = No
     Raises:
         ImedsamError: unreadable file, or keys/shapes that do not match the model.
     """
-    path = Path(path)
-    state = read_state_dict(path)
+    if isinstance(path, Mapping):
+        state, path = dict(path), Path("<state dict>")
+    else:
+        path = Path(path)
+        state = read_state_dict(path)
     if adapt is not None:
         try:
             state = adapt(state)

@@ -2,7 +2,7 @@
 
 State-dict keys are those of the official checkpoints (``image_encoder.*``, ``prompt_encoder.*``,
 ``mask_decoder.*``); the pixel mean/std are non-persistent buffers (official SAM checkpoints do not hold them),
-and :class:`Preprocess` states the whole input convention so that ``imedsam.infer.prepare`` can build the
+and :class:`Preprocess` states the whole input convention so that ``imedsam.sam.prepare`` can build the
 encoder input in one place.
 
 Coordinates: prompts given to :meth:`SamModel.decode` are in ENCODER-INPUT pixels (the S x S padded image),
@@ -115,7 +115,7 @@ class SamModel(nn.Module):
         s = self.img_size
         if images.ndim != 4 or tuple(images.shape[1:]) != (3, s, s):
             raise ImedsamError(f"images: expected a preprocessed (B, 3, {s}, {s}) tensor, got {tuple(images.shape)}; "
-                               "prepare it with imedsam.infer.prepare.prepare_image")
+                               "prepare it with imedsam.sam.prepare.prepare_image")
         return self.image_encoder(images)
 
     def decode(self, embeddings: torch.Tensor, points: tuple[torch.Tensor, torch.Tensor] | None = None,

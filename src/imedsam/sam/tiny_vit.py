@@ -18,8 +18,11 @@ Architecture (input (B, in_chans, S, S) -> embedding (B, out_chans, S/(4p), S/(4
 * ``attention_bias_idxs`` is a non-persistent buffer: neither the LiteMedSAM nor the MobileSAM checkpoint holds
   it, so strict loading works and the indices are always rebuilt from the window size.
 
-Adapters are injected from outside (see ``imedsam.peft``): every block exposes ``attn`` (with ``qkv``, an
-``nn.Linear``), ``local_conv`` and ``mlp``; the encoder exposes ``patch_embed``, ``layers`` and ``neck``.
+Adapters attach from outside (``imedsam.peft``) at the named insertion points of :mod:`imedsam.sam.insertion`:
+every attention block (:class:`TinyViTBlock`, stages 1-3) has the slots ``pre_attn``, ``post_attn`` (after the
+attention residual, before ``local_conv``) and ``mlp_parallel`` (beside the MLP, on the MLP's own pre-norm
+``mlp.norm(x)``), tokens ``(N, H * W, C)`` with ``(H, W) = block.input_resolution``; ``attn.qkv`` is replaceable;
+the encoder has ``streams``, which follow every stage's ``PatchMerging``. Stage 0 (MBConv) has no slots.
 
 **qkv layout.** Unlike SAM's ViT (``[q | k | v]``, each over all heads), TinyViT interleaves per head: the
 ``qkv`` output of width ``num_heads * (2 * key_dim + d)`` is viewed as ``(num_heads, 2 * key_dim + d)`` and each
@@ -40,6 +43,7 @@ from torch import nn
 from imedsam.errors import ImedsamError
 from imedsam.runtime import onednn_op_available
 from imedsam.sam.common import LayerNorm2d
+from imedsam.sam.insertion import EncoderContext, add_slots, new_context
 
 __all__ = [
     "BasicLayer",
@@ -169,7 +173,7 @@ class MBConv(nn.Module):
         self.act3 = nn.GELU()
         self.drop_path_rate = drop_path
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: EncoderContext | None = None) -> torch.Tensor:
         y = self.conv1.with_gelu(x, self.act1)
         y = self.conv2.with_gelu(y, self.act2)
         y = self.conv3(y)
@@ -208,9 +212,9 @@ class _Stage(nn.Module):
     blocks: nn.ModuleList
     downsample: nn.Module | None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: EncoderContext | None = None) -> torch.Tensor:
         for block in self.blocks:
-            x = block(x)
+            x = block(x, ctx)
         if self.downsample is not None:
             x = self.downsample(x)
         return x
@@ -241,7 +245,11 @@ class TinyViTMlp(nn.Module):
         self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(self.norm(x))))
+        return self.forward_normed(self.norm(x))
+
+    def forward_normed(self, h: torch.Tensor) -> torch.Tensor:
+        """The MLP after its pre-norm: ``fc2(GELU(fc1(h)))`` with ``h = norm(x)``."""
+        return self.fc2(self.act(self.fc1(h)))
 
 
 class TinyViTAttention(nn.Module):
@@ -304,7 +312,8 @@ class TinyViTAttention(nn.Module):
 class TinyViTBlock(nn.Module):
     """Window attention + depthwise ``local_conv`` + MLP, on tokens (B, H*W, dim) with fixed ``input_resolution``.
 
-    ``x = x + attn(windows(x)); x = local_conv(x as (B, dim, H, W)); x = x + mlp(x)``.
+    ``x = x + attn(windows(x)); x = local_conv(x as (B, dim, H, W)); x = x + mlp(x)``, with the slots
+    ``pre_attn``, ``post_attn`` and ``mlp_parallel`` of :mod:`imedsam.sam.insertion` where their names say.
     """
 
     def __init__(self, dim: int, input_resolution: tuple[int, int], num_heads: int, window_size: int = 7,
@@ -323,8 +332,10 @@ class TinyViTBlock(nn.Module):
                                      resolution=(window_size, window_size))
         self.mlp = TinyViTMlp(dim, int(dim * mlp_ratio))
         self.local_conv = Conv2dBN(dim, dim, local_conv_size, 1, local_conv_size // 2, groups=dim)
+        add_slots(self)
 
-    def _window_attention(self, x: torch.Tensor) -> torch.Tensor:
+    def window_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention of tokens ``(B, H*W, C)`` in ``window_size`` windows (zero-padded at the bottom/right)."""
         h, w = self.input_resolution
         b, _, c = x.shape
         ws = self.window_size
@@ -341,14 +352,18 @@ class TinyViTBlock(nn.Module):
             x = x[:, :h, :w]
         return x.reshape(b, h * w, c)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: EncoderContext | None = None) -> torch.Tensor:
         h, w = self.input_resolution
         b, n, c = x.shape
         if n != h * w:
             raise ValueError(f"TinyViTBlock expected {h}x{w}={h * w} tokens, got {n}")
-        x = x + drop_path(self._window_attention(x), self.drop_path_rate, self.training)
+        x = self.pre_attn.residual(x, ctx)
+        x = x + drop_path(self.window_attention(x), self.drop_path_rate, self.training)
+        x = self.post_attn.residual(x, ctx)
         x = self.local_conv(x.transpose(1, 2).reshape(b, c, h, w)).reshape(b, c, n).transpose(1, 2)
-        return x + drop_path(self.mlp(x), self.drop_path_rate, self.training)
+        hn = self.mlp.norm(x)
+        y = drop_path(self.mlp.forward_normed(hn), self.drop_path_rate, self.training)
+        return x + self.mlp_parallel.parallel(y, hn, ctx)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, input_resolution={self.input_resolution}, num_heads={self.num_heads}, "
@@ -431,6 +446,7 @@ class TinyViT(nn.Module):
             nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
             LayerNorm2d(out_chans),
         )
+        self.streams = nn.ModuleDict()  # side streams (imedsam.sam.insertion), none by default
         self.apply(self._init_weights)
 
     @staticmethod
@@ -443,15 +459,28 @@ class TinyViT(nn.Module):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_chans, S, S) preprocessed images -> (B, out_chans, g, g) image embeddings."""
+    def forward_tokens(self, x: torch.Tensor, *, valid_hw=None, num_slices: int = 1) -> torch.Tensor:
+        """(N, in_chans, S, S) preprocessed images -> tokens after the last stage (N, g*g, C3), before the neck.
+
+        ``valid_hw`` and ``num_slices`` reach the slots and streams through the :class:`EncoderContext`.
+        """
         if x.ndim != 4 or tuple(x.shape[1:]) != (self.in_chans, self.img_size, self.img_size):
             raise ImedsamError(
                 f"image: TinyViT expects input (B, {self.in_chans}, {self.img_size}, {self.img_size}), got "
                 f"{tuple(x.shape)}; resize/pad the image to {self.img_size}x{self.img_size} first")
-        x = self.patch_embed(x)
+        ctx = new_context(x, valid_hw, num_slices)
+        for stream in self.streams.values():
+            stream.begin(self, x, ctx)
+        tokens = self.patch_embed(x)
         for layer in self.layers:
-            x = layer(x)
+            tokens = layer(tokens, ctx)
+            if layer.downsample is not None:
+                for stream in self.streams.values():
+                    stream.follow(layer.downsample, ctx)
+        return tokens
+
+    def forward(self, x: torch.Tensor, *, valid_hw=None, num_slices: int = 1) -> torch.Tensor:
+        """(N, in_chans, S, S) preprocessed images -> (N, out_chans, g, g) image embeddings."""
+        x = self.forward_tokens(x, valid_hw=valid_hw, num_slices=num_slices)
         b, _, c = x.shape
-        x = x.transpose(1, 2).reshape(b, c, self.grid_size, self.grid_size)
-        return self.neck(x)
+        return self.neck(x.transpose(1, 2).reshape(b, c, self.grid_size, self.grid_size))

@@ -7,10 +7,11 @@ Conventions
 * Parameter names are those of the official segment-anything encoder (``patch_embed.proj``, ``pos_embed``,
   ``blocks.N.{norm1,attn.qkv,attn.proj,attn.rel_pos_h,attn.rel_pos_w,norm2,mlp.lin1,mlp.lin2}``, ``neck.0..3``),
   so an official checkpoint loads strictly at 1024, and at any other size after :func:`adapt_vit_state_dict`.
-* The forward pass is spelled out in small public pieces so that adapters can be injected from outside
-  (``imedsam.peft``) without touching this file: ``ImageEncoderViT.forward == neck(blocks(embed(x)))``, and
-  ``Block.forward`` is ``norm1 -> window_partition -> attn -> window_unpartition -> residual -> norm2/mlp``,
-  using only the block's attributes and the module-level functions below.
+* Adapters attach from outside (``imedsam.peft``) at the named insertion points of :mod:`imedsam.sam.insertion`:
+  every :class:`Block` has the slots ``pre_attn``, ``post_attn`` and ``mlp_parallel`` (tokens ``(N, H, W, C)``),
+  ``attn.qkv`` is replaceable (column layout: :meth:`Attention.qkv_channel_index`), and the encoder has
+  ``streams``. ``ImageEncoderViT.forward == neck(blocks(embed(x)))``; with empty slots every block computes
+  exactly the official ``x + attn(norm1(x))``, then ``+ mlp(norm2(x))``.
 * Attention runs through :func:`torch.nn.functional.scaled_dot_product_attention`; the decomposed relative
   position term (MViTv2) is passed as an additive float mask, which is exactly the official formula
   ``softmax(q k^T * scale + rel_bias) v``.
@@ -29,6 +30,7 @@ from torch import nn
 
 from imedsam.errors import ImedsamError
 from imedsam.sam.common import LayerNorm2d, MLPBlock
+from imedsam.sam.insertion import EncoderContext, add_slots, new_context
 
 logger = logging.getLogger(__name__)
 
@@ -267,6 +269,13 @@ class Attention(nn.Module):
         """``(B, H, W, C)`` -> ``(B, H, W, C)``."""
         return self.proj(self.attend(self.qkv(x)))
 
+    def qkv_channel_index(self, part: str) -> torch.Tensor:
+        """Indices (LongTensor) of the ``qkv`` output channels holding ``part`` (``"q"``, ``"k"`` or ``"v"``) for
+        all heads: the contiguous block ``[i * dim, (i + 1) * dim)``, i = 0, 1, 2."""
+        dim = self.proj.in_features
+        i = ("q", "k", "v").index(part)
+        return torch.arange(i * dim, (i + 1) * dim)
+
     @property
     def pointwise_qkv(self) -> bool:
         """Whether ``qkv`` maps every token on its own (a Linear, or a module that says so with ``pointwise``),
@@ -291,7 +300,8 @@ class Block(nn.Module):
     """Pre-norm transformer block with windowed (``window_size > 0``) or global (``0``) attention.
 
     ``forward(x) = y + mlp(norm2(y))`` with ``y = x + unpartition(attn(partition(norm1(x))))``; windows are
-    zero-padded *after* ``norm1``. Tokens are ``(B, H, W, C)``.
+    zero-padded *after* ``norm1``. Tokens are ``(B, H, W, C)``. The slots ``pre_attn``, ``post_attn`` and
+    ``mlp_parallel`` (:mod:`imedsam.sam.insertion`) add their adapters' outputs where their names say.
     """
 
     def __init__(
@@ -320,6 +330,7 @@ class Block(nn.Module):
         self.norm2 = norm_layer(dim)
         self.mlp = MLPBlock(embedding_dim=dim, mlp_dim=int(dim * mlp_ratio), act=act_layer)
         self.window_size = window_size
+        add_slots(self)
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         """Self-attention of the normalised tokens ``x`` ``(B, H, W, C)`` -> ``(B, H, W, C)``, in windows when
@@ -340,9 +351,12 @@ class Block(nn.Module):
         windows, pad_hw = window_partition(x, ws)
         return window_unpartition(self.attn(windows), ws, pad_hw, hw)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: EncoderContext | None = None) -> torch.Tensor:
+        x = self.pre_attn.residual(x, ctx)
         x = x + self.attention(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = self.post_attn.residual(x, ctx)
+        h = self.norm2(x)
+        return x + self.mlp_parallel.parallel(self.mlp(h), h, ctx)
 
 
 class ImageEncoderViT(nn.Module):
@@ -414,6 +428,7 @@ class ImageEncoderViT(nn.Module):
             nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
             LayerNorm2d(out_chans),
         )
+        self.streams = nn.ModuleDict()  # side streams (imedsam.sam.insertion), none by default
 
     @property
     def grid_size(self) -> int:
@@ -435,12 +450,22 @@ class ImageEncoderViT(nn.Module):
             x = x + self.pos_embed
         return x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, in_chans, S, S)`` -> image embedding ``(B, out_chans, S/p, S/p)``."""
-        x = self.embed(x)
+    def forward_tokens(self, x: torch.Tensor, *, valid_hw: Any = None, num_slices: int = 1) -> torch.Tensor:
+        """``(N, in_chans, S, S)`` -> tokens after the last block ``(N, S/p, S/p, C)``, before the neck.
+
+        ``valid_hw`` and ``num_slices`` reach the slots and streams through the :class:`EncoderContext`.
+        """
+        tokens = self.embed(x)  # validates the input first
+        ctx = new_context(x, valid_hw, num_slices)
+        for stream in self.streams.values():
+            stream.begin(self, x, ctx)
         for block in self.blocks:
-            x = block(x)
-        return self.neck(x.permute(0, 3, 1, 2))
+            tokens = block(tokens, ctx)
+        return tokens
+
+    def forward(self, x: torch.Tensor, *, valid_hw: Any = None, num_slices: int = 1) -> torch.Tensor:
+        """``(N, in_chans, S, S)`` -> image embedding ``(N, out_chans, S/p, S/p)`` (see :meth:`forward_tokens`)."""
+        return self.neck(self.forward_tokens(x, valid_hw=valid_hw, num_slices=num_slices).permute(0, 3, 1, 2))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""`imedsam train` as a library call: build the system and datasets from a config, train, return the run."""
+"""`imedsam train` as a library call: build the system, its objective and the datasets from a config, train,
+return the run. Nothing here knows a method: the system's registry entry names its objective, the objective says
+what items it reads, the system says which prompt protocols validate it."""
 
 from __future__ import annotations
 
@@ -14,48 +16,85 @@ from imedsam.train.loop import TrainResult, seed_everything, train
 log = logging.getLogger(__name__)
 
 
-def dataset_cases(dataset, limit: int | None = None):
-    """Turn ``SegmentationDataset`` items (original size) into evaluation cases; each keeps its item's box
-    (tight, or jittered when the dataset jitters boxes)."""
-    from imedsam.evaluate.protocol import EvalCase
+def hold_out_val(index, fraction: float, seed: int, train_split: str, val_split: str):
+    """Without a ``val_split``: move a seeded ``fraction`` of the training cases (at least one) to it."""
+    from dataclasses import replace
 
-    cases = []
-    for i in range(len(dataset) if limit is None else min(limit, len(dataset))):
-        item = dataset[i]
-        image = np.clip(item["image"].numpy().transpose(1, 2, 0), 0, 255).astype(np.uint8)
-        gt = item["mask"].numpy()[0] > 0.5
-        name = str(item["case_id"])
-        if int(item.get("slice_index", -1)) >= 0:
-            name += f"#z{int(item['slice_index'])}"
-        if int(item.get("class_id", 1)) != 1:
-            name += f"#c{int(item['class_id'])}"
-        spacing = item["spacing"].tolist() if "spacing" in item else [float("nan")] * 2
-        known = all(np.isfinite(spacing))
-        slice_index = int(item.get("slice_index", -1))
-        cases.append(EvalCase(case_id=name, image=image, gt=gt, spacing=tuple(spacing) if known else None,
-                              box=item["box"].numpy().astype(np.float64), stem=str(item["case_id"]),
-                              class_id=int(item.get("class_id", 1)),
-                              slice_index=slice_index if slice_index >= 0 else None))
-    return cases
+    from imedsam.data import split_ids
+
+    train_ids = [c.case_id for c in index.cases if c.split == train_split]
+    if fraction <= 0 or len(train_ids) < 2:
+        return index
+    n_val = max(1, int(round(fraction * len(train_ids))))
+    chosen = set(split_ids(train_ids, (1 - n_val / len(train_ids), n_val / len(train_ids)), seed=seed)["val"])
+    log.info("no %r split: %d of the %d training cases held out to validate on (data.val_fraction=%g, seed %d): "
+             "%s", val_split, len(chosen), len(train_ids), fraction, seed, sorted(chosen))
+    cases = tuple(replace(c, split=val_split) if c.case_id in chosen else c for c in index.cases)
+    return replace(index, cases=cases)
+
+
+def training_dataset(cfg: TrainConfig, index, objective_cls):
+    """The training items the objective reads: one object per item, or ``masks_per_image`` objects per image."""
+    from imedsam.data import SegmentationDataset
+    from imedsam.data.objects import ObjectsDataset
+
+    d = cfg.data
+    size = (d.image_size, d.image_size)
+    jitter = None
+    if d.box_expand[1] > 0 or d.box_shift > 0:
+        mode = "both" if d.box_expand[1] > 0 and d.box_shift > 0 else ("shift" if d.box_shift > 0 else "expand")
+        jitter = {"mode": mode, "expand": tuple(d.box_expand), "shift": d.box_shift}
+    augment = d.augmentation if d.augment else None
+    common = dict(split=d.train_split, size=size, augment=augment, box_jitter=jitter, seed=cfg.run.seed,
+                  min_foreground=d.min_foreground)
+    masks_per_image = getattr(cfg.objective, "masks_per_image", None)
+    if masks_per_image is None:
+        return SegmentationDataset(index, **common)
+    return ObjectsDataset(index, masks_per_image=masks_per_image, objects=d.objects,
+                          min_fraction=d.min_object_fraction, box_component=d.box_component, cache_size=64,
+                          **common)
+
+
+def make_validator(val_cases, protocols, *, size, device, amp, seed):
+    """``validate(system) -> {"dice": mean over the protocols, per protocol, "n"}`` (Dice per case, mean)."""
+    from imedsam.data.interaction import parse_protocol, run_case
+
+    parsed = [parse_protocol(p) for p in protocols]
+
+    def validate(system) -> dict:
+        out = {}
+        for protocol in parsed:
+            dice = []
+            for i, case in enumerate(val_cases):
+                res = run_case(system, case, protocol, sizes=[size], device=device, amp_dtype=amp, seed=seed,
+                               index=i)
+                gt = case.gt_on(res.preds[0].shape)
+                s = int(res.preds[0].sum()) + int(gt.sum())
+                dice.append(1.0 if s == 0 else 2.0 * int((res.preds[0] & gt).sum()) / s)
+            out[protocol.name] = float(np.mean(dice)) if dice else 0.0
+        return {"dice": float(np.mean(list(out.values()))), **({"by_protocol": out} if len(out) > 1 else {}),
+                "n": len(val_cases)}
+
+    return validate
 
 
 def run_training(cfg: TrainConfig, data: str | Path, out: str | Path, *, resume: bool = False) -> TrainResult:
     """Train ``cfg.model`` on ``data`` (train split), select on the val split, write the run to ``out``."""
     from imedsam.data import SegmentationDataset, discover
-    from imedsam.evaluate.protocol import evaluate_cases
-    from imedsam.models.imedsam import build_imedsam
+    from imedsam.data.cases import dataset_cases
+    from imedsam.models.registry import build_system, get_system
     from imedsam.runtime import autocast_dtype, resolve_device
+    from imedsam.train.objectives import get_objective
 
-    if cfg.model.system != "imedsam":
-        raise ImedsamError(f"config model.system={cfg.model.system!r}: only 'imedsam' is trainable so far")
+    spec = get_system(cfg.model.system)
+    objective_cls = get_objective(spec.objective)
     index = discover(data)
     if not index.has_splits:
-        raise ImedsamError(f"--data: {data} has no splits (splits.json or nnU-Net imagesTr/imagesTs); add a "
-                           "splits.json with train/val/test lists of file stems")
-    size = (cfg.data.image_size, cfg.data.image_size)
-    jitter = {"mode": "expand", "expand": tuple(cfg.data.box_expand)} if cfg.data.box_expand[1] > 0 else None
-    train_set = SegmentationDataset(index, split=cfg.data.train_split, size=size, augment=cfg.data.augment or None,
-                                    box_jitter=jitter, seed=cfg.run.seed, min_foreground=cfg.data.min_foreground)
+        raise ImedsamError(f"--data: {data} has no splits (splits.json, nnU-Net imagesTr/imagesTs or SAM-Med2D's "
+                           "JSON files); add a splits.json with train/val/test lists of file stems")
+    if cfg.data.val_split not in index.counts():
+        index = hold_out_val(index, cfg.data.val_fraction, cfg.run.seed, cfg.data.train_split, cfg.data.val_split)
+    train_set = training_dataset(cfg, index, objective_cls)
     val_cases = []
     if cfg.data.val_split in index.counts():
         val_set = SegmentationDataset(index, split=cfg.data.val_split, min_foreground=cfg.data.min_foreground)
@@ -65,15 +104,10 @@ def run_training(cfg: TrainConfig, data: str | Path, out: str | Path, *, resume:
     if cfg.model.img_size is None:  # the encoder runs at the training grid; saved so inference rebuilds it
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"img_size": cfg.data.image_size})})
     seed_everything(cfg.run.seed)  # the adapters' and decoder's random initialisation is seeded too
-    system = build_imedsam(config=cfg.model)
+    system = build_system(config=cfg.model)
     device = resolve_device(cfg.run.device)
     amp = autocast_dtype(device, cfg.run.precision)
     size_val = tuple(cfg.run.val_size) if cfg.run.val_size else None
-
-    def validate(model) -> dict:
-        rows = evaluate_cases(model, val_cases, sizes=[size_val], device=device, amp_dtype=amp,
-                              seed=cfg.run.seed, progress=False)
-        dice = [r["dice"] for r in rows]
-        return {"dice": float(np.mean(dice)) if dice else 0.0, "n": len(dice)}
-
-    return train(system, train_set, validate if val_cases else None, cfg, Path(out), resume=resume)
+    validate = make_validator(val_cases, system.val_protocols, size=size_val, device=device, amp=amp,
+                              seed=cfg.run.seed) if val_cases else None
+    return train(system, objective_cls, train_set, validate, cfg, Path(out), resume=resume)

@@ -23,11 +23,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from imedsam.errors import ImedsamError
-from imedsam.runtime import autocast, autocast_dtype, resolve_device
+from imedsam.runtime import autocast_dtype, resolve_device
 from imedsam.train import checkpoint as ckpt
 from imedsam.train.config import TrainConfig, config_to_dict
 from imedsam.train.ema import ParameterEMA
-from imedsam.train.losses import BCEDiceLoss, coarse_weight
+from imedsam.train.objectives import Objective
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +39,15 @@ def seed_everything(seed: int) -> None:
 
 
 def build_optimizer(system, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with two groups: the implicit decoder (``lr_decoder``) and everything else trainable (``lr_adapter``)."""
-    decoder, others = [], []
-    for name, param in system.named_parameters():
-        if not param.requires_grad:
-            continue
-        (decoder if system.is_decoder_parameter(name) else others).append(param)
-    groups = [{"params": decoder, "lr": cfg.optim.lr_decoder, "name": "decoder"},
-              {"params": others, "lr": cfg.optim.lr_adapter, "name": "adapters"}]
-    groups = [g for g in groups if g["params"]]
+    """AdamW (or Adam) over the system's parameter groups: ``"decoder"`` at ``optim.lr_decoder``, ``"adapters"``
+    at ``optim.lr_adapter`` (:meth:`imedsam.models.base.SegmentationSystem.param_groups`)."""
+    lrs = {"decoder": cfg.optim.lr_decoder, "adapters": cfg.optim.lr_adapter}
+    groups = [{"params": params, "lr": lrs[name], "name": name}
+              for name, params in system.param_groups().items() if params]
     if not groups:
         raise ImedsamError("model has no trainable parameters: check the model config (peft/decoder settings)")
+    if cfg.optim.optimizer == "adam":
+        return torch.optim.Adam(groups, weight_decay=cfg.optim.weight_decay)
     return torch.optim.AdamW(groups, weight_decay=cfg.optim.weight_decay)
 
 
@@ -78,23 +76,26 @@ class TrainResult:
     seconds: float
 
 
-def train(system, train_set, val_fn, cfg: TrainConfig, run_dir: Path, *, resume: bool = False) -> TrainResult:
-    """Train ``system`` on ``train_set``; ``val_fn(system) -> dict`` (with a ``dice`` key) scores it on ``val``.
+def train(system, objective_cls: type[Objective], train_set, val_fn, cfg: TrainConfig, run_dir: Path, *,
+          resume: bool = False) -> TrainResult:
+    """Train ``system`` on ``train_set`` with its objective; ``val_fn(system) -> dict`` (with a ``dice`` key)
+    scores it on ``val``. The loop knows no method: ``objective.steps(batch)`` yields one loss per optimizer step.
 
-    ``train_set[i]`` returns {"image": (3, S, S) float 0-255, "mask": (1, S, S) float {0,1}, "box": (4,) xyxy}.
+    ``train_set[i]`` is what the objective reads (:mod:`imedsam.data.dataset`, :mod:`imedsam.data.objects`).
     """
     run_dir = Path(run_dir)
     device = resolve_device(cfg.run.device)
     amp = autocast_dtype(device, cfg.run.precision)
     system.to(device)
     seed_everything(cfg.run.seed)
+    objective = objective_cls(system, cfg, device, amp)
     optimizer = build_optimizer(system, cfg)
     steps_per_epoch = math.ceil(len(train_set) / cfg.optim.batch_size)
     total_steps = steps_per_epoch * cfg.optim.epochs
     if cfg.optim.max_steps is not None:
         total_steps = min(total_steps, cfg.optim.max_steps)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
-    criterion = BCEDiceLoss(cfg.optim.bce_weight, cfg.optim.dice_weight)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     ema = ParameterEMA(system, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
 
     start_epoch, step, best, history = 0, 0, None, []
@@ -129,37 +130,27 @@ def train(system, train_set, val_fn, cfg: TrainConfig, run_dir: Path, *, resume:
         loader = DataLoader(train_set, batch_size=cfg.optim.batch_size, shuffle=True, generator=shuffle,
                             num_workers=cfg.data.num_workers, drop_last=False)
         system.train()
-        w_coarse = coarse_weight(epoch, cfg.optim.coarse_warm_epochs)
-        losses = []
+        losses, logs = [], {}
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", unit="step", leave=False,
                    dynamic_ncols=True)
         for batch in bar:
             if cfg.optim.max_steps is not None and step >= cfg.optim.max_steps:
                 break
-            points_gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step)
-            images = system.preprocess.normalize_tensor(batch["image"].to(device))
-            masks = batch["mask"].to(device).float()
-            boxes = batch["box"].to(device).float()
-            with autocast(device, amp):
-                coarse, fine, targets = system.forward_train(
-                    images, boxes, masks, n_points=cfg.optim.points_per_image,
-                    boundary_fraction=cfg.optim.boundary_fraction, box_fraction=cfg.optim.box_fraction,
-                    generator=points_gen)
-            loss = w_coarse * criterion(coarse, targets) + (1 - w_coarse) * criterion(fine, targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                               cfg.optim.grad_clip)
-            optimizer.step()
+            for loss, logs in objective.steps(batch, epoch=epoch, step=step):
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.optim.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+                optimizer.step()
+                losses.append(float(loss.detach()))
             scheduler.step()
             if ema is not None:
                 ema.update()
             step += 1
-            losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
         record = {"epoch": epoch, "step": step, "train_loss": float(np.mean(losses)) if losses else None,
-                  "coarse_weight": w_coarse, "lr": [g["lr"] for g in optimizer.param_groups],
+                  **{k: v for k, v in logs.items() if k == "coarse_weight"},
+                  "lr": [g["lr"] for g in optimizer.param_groups],
                   "seconds": round(time.perf_counter() - started, 1)}
         if val_fn is not None and ((epoch + 1) % cfg.run.val_every == 0 or epoch + 1 == cfg.optim.epochs):
             system.eval()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from imedsam.errors import ImedsamError
-from imedsam.infer.postprocess import count_components, remove_small_components
+from imedsam.models.postprocess import count_components, remove_small_components
 
 
 def scene() -> np.ndarray:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from imedsam.errors import ImedsamError
-from imedsam.infer.prepare import PreparedImage, prepare_image, to_input_coords
+from imedsam.sam.prepare import PreparedImage, prepare_image, to_input_coords
 from imedsam.models.base import Prompts
 
 _AXES = {"h": (1,), "v": (0,), "hv": (0, 1)}  # flipped array axes: 0 = rows (vertical flip), 1 = columns

@@ -8,7 +8,7 @@ from imedsam.data.prompts import box_from_mask
 from imedsam.errors import ImedsamError
 from imedsam.evaluate.protocol import EvalCase, predict_case
 from imedsam.infer.segmenter import Segmenter
-from imedsam.infer.tta import FlipView, parse_tta
+from imedsam.models.views import FlipView, parse_tta
 from imedsam.models.imedsam import IMedSAM
 
 

@@ -100,8 +100,9 @@ def check_box(box, original_size: tuple[int, int], name: str = "--box") -> np.nd
         raise ImedsamError(f"{name}: expected 4 numbers X0 Y0 X1 Y1, got {list(np.asarray(box).reshape(-1))}")
     height, width = original_size
     x0, y0, x1, y1 = b
-    if x1 < x0 or y1 < y0:
-        raise ImedsamError(f"{name}: degenerate box {b.tolist()}: need X0 <= X1 and Y0 <= Y1")
+    if x1 <= x0 or y1 <= y0:
+        raise ImedsamError(f"{name}: degenerate box {b.tolist()}: need X0 < X1 and Y0 < Y1 (X1, Y1 one past the "
+                           "last pixel)")
     if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
         raise ImedsamError(f"{name}: box {b.tolist()} lies outside the {width}x{height} (WxH) image")
     return np.array([max(x0, 0.0), max(y0, 0.0), min(x1, float(width)), min(y1, float(height))])
@@ -162,3 +163,25 @@ def grid_query_coords(prepared: PreparedImage, size: tuple[int, int] | None = No
     xs = (torch.arange(w_o, device=device, dtype=torch.float32) + 0.5) / w_o * new_w * 2 / s - 1
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")
     return torch.stack([yy.reshape(-1), xx.reshape(-1)], dim=-1)
+
+
+#: logit given to a pixel fully inside (+) or outside (-) a mask turned into a mask prompt
+MASK_PROMPT_LOGIT = 10.0
+
+
+def mask_to_low_res(mask: np.ndarray, prepared: PreparedImage, low_res_size: tuple[int, int]) -> torch.Tensor:
+    """A (H, W) mask on the original grid (bool, or probabilities in [0, 1]) -> a SAM mask prompt
+    ``(1, 1, h, w)``: mapped into the encoder frame as the image is (resize, bottom/right padding as background),
+    area-averaged to the prompt grid ``low_res_size`` and turned into logits ``MASK_PROMPT_LOGIT * (2 p - 1)``
+    (+10 inside, -10 outside, 0 on the boundary), the scale of SAM's own low-res logits."""
+    m = np.asarray(mask, dtype=np.float32)
+    if m.shape != tuple(prepared.original_size):
+        raise ImedsamError(f"--mask-input: mask is {m.shape[0]}x{m.shape[1]} (HxW) but the image is "
+                           f"{prepared.original_size[0]}x{prepared.original_size[1]}; give a mask of the image")
+    x = torch.from_numpy(np.clip(m, 0, 1))[None, None]
+    new_h, new_w = prepared.input_size
+    s = prepared.img_size
+    x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
+    x = F.pad(x, (0, s - new_w, 0, s - new_h))
+    x = F.interpolate(x, size=low_res_size, mode="area")
+    return MASK_PROMPT_LOGIT * (2 * x - 1)

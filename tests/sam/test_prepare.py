@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from imedsam.errors import ImedsamError
-from imedsam.infer.prepare import (check_box, check_points, grid_query_coords, prepare_image, resized_shape,
+from imedsam.sam.prepare import (check_box, check_points, grid_query_coords, prepare_image, resized_shape,
                                    restore_logits, to_input_coords)
 from imedsam.sam.model import Preprocess
 

@@ -1,0 +1,160 @@
+"""SAM-Med2D's objective: a box or point pass, then decoder-only passes prompted from the error (systems.md §B.3,
+with the §B.8 fixes).
+
+Per batch of B images with M object masks each (``masks_per_image``; the image embedding is computed once and
+shared by its M prompts):
+
+1. **First pass.** With probability ``box_probability`` the whole batch is prompted with boxes (the dataset's
+   training boxes: largest component, shifted), otherwise with one random foreground point per mask. Encoder
+   (adapters) + prompt encoder + mask decoder; loss; optimizer step.
+2. **Decoder-only passes** (``iterations``, default 8), on the detached embedding (the encoder does not change
+   within the batch): before each, ``n`` points (``n`` drawn from ``point_choices`` = 1, 3, 5, 9) are sampled
+   uniformly, with replacement, from the error region ``prediction != ground truth`` of the previous pass, label 1
+   on false negatives and 0 on false positives (a mask without error gets padding points, label -1); they
+   **replace** the previous points, boxes are dropped, and the previous pass's low-resolution **logits** are the
+   mask prompt. At one random pass among the 2nd..(N-1)th and at the last, the prompt is the mask alone.
+   Each pass: loss; optimizer step (``step_per_pass: false`` sums the passes' losses into one step instead).
+
+Gradients reach the prompt encoder in every pass, the mask-prompt branch included (the official code froze it in
+these passes, §F.24). Loss per pass, per mask then averaged (§F.26 fixed):
+``focal_weight * focal + dice_weight * Dice + iou_weight * MSE(predicted IoU, IoU of the thresholded mask)``
+(20 / 1 / 1), on the chosen mask (best predicted IoU of 3 with ``model.multimask_output``) upsampled to the
+training grid. Random choices come from generators seeded by ``(seed, step)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from imedsam.models.base import Prompts
+from imedsam.train.losses import dice_loss_per_mask, focal_loss, mask_iou
+from imedsam.train.objectives.base import Objective
+
+
+class IterativeClickSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    masks_per_image: int = Field(5, ge=1, description="object masks drawn per image (with replacement) per step")
+    box_probability: float = Field(0.5, ge=0, le=1, description="first pass prompted by boxes (else one point)")
+    iterations: int = Field(8, ge=0, description="decoder-only passes after the first")
+    point_choices: tuple[int, ...] = Field((1, 3, 5, 9), min_length=1, description="points per decoder-only pass")
+    mask_only_passes: bool = Field(True, description="one random middle pass and the last take the mask prompt "
+                                                     "alone")
+    step_per_pass: bool = Field(True, description="an optimizer step after every pass (SAM-Med2D); false: one "
+                                                  "step with the sum of the passes' losses")
+    focal_weight: float = Field(20.0, ge=0)
+    dice_weight: float = Field(1.0, ge=0)
+    iou_weight: float = Field(1.0, ge=0)
+
+    @field_validator("point_choices")
+    @classmethod
+    def _positive(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if min(v) < 1:
+            raise ValueError(f"{list(v)}: every choice must be >= 1")
+        return v
+
+
+def error_points(pred: torch.Tensor, gt: torch.Tensor, n: int,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` clicks per mask sampled uniformly with replacement from ``pred != gt``.
+
+    Args:
+        pred, gt: (N, H, W) bool.
+    Returns:
+        points (N, n, 2) float xy pixel indices; labels (N, n) int64: 1 on a false negative, 0 on a false
+        positive, -1 (padding, anywhere) for a mask without error.
+    """
+    error = (pred != gt).flatten(1)
+    has_error = error.any(dim=1)
+    weights = torch.where(has_error[:, None], error.float(), torch.ones_like(error, dtype=torch.float32))
+    idx = torch.multinomial(weights.cpu(), n, replacement=True, generator=generator).to(pred.device)
+    w = pred.shape[-1]
+    points = torch.stack([idx % w, idx // w], dim=-1).float()
+    labels = torch.gather(gt.flatten(1), 1, idx).long()
+    labels = torch.where(has_error[:, None], labels, torch.full_like(labels, -1))
+    return points, labels
+
+
+def foreground_points(gt: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One random foreground pixel per mask: points (N, 1, 2) xy, labels (N, 1) = 1 (0 and a random pixel for
+    an empty mask, as SAM-Med2D)."""
+    flat = gt.flatten(1)
+    empty = ~flat.any(dim=1)
+    weights = torch.where(empty[:, None], torch.ones_like(flat, dtype=torch.float32), flat.float())
+    idx = torch.multinomial(weights.cpu(), 1, replacement=True, generator=generator).to(gt.device)
+    w = gt.shape[-1]
+    points = torch.stack([idx % w, idx // w], dim=-1).float()
+    labels = torch.where(empty[:, None], torch.zeros_like(idx), torch.ones_like(idx))
+    return points, labels
+
+
+class IterativeClickObjective(Objective):
+    Config = IterativeClickSettings
+
+    def loss(self, low_res: torch.Tensor, iou_pred: torch.Tensor, masks: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Loss of the chosen masks ``(N, 1, 4h, 4w)`` and their predicted IoU ``(N, 1)`` against ``masks``
+        ``(N, S, S)``; also returns the upsampled logits ``(N, 1, S, S)`` (detached)."""
+        s = self.settings
+        logits = F.interpolate(low_res.float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)
+        target = masks[:, None]
+        focal = focal_loss(logits, target)
+        dice = dice_loss_per_mask(logits, target)
+        iou_true = mask_iou(logits, target)
+        iou_mse = F.mse_loss(iou_pred.float()[:, 0], iou_true)
+        loss = s.focal_weight * focal + s.dice_weight * dice + s.iou_weight * iou_mse
+        return loss, logits.detach(), {"focal": float(focal), "dice_loss": float(dice), "iou_mse": float(iou_mse)}
+
+    def steps(self, batch: dict[str, Any], *, epoch: int, step: int) -> Iterator[tuple[torch.Tensor, dict]]:
+        s = self.settings
+        seed = self.config.run.seed
+        rng = np.random.default_rng([seed, step, 0xC11C])
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        images = self.images(batch)
+        masks = batch["masks"].to(self.device).float()  # (B, M, S, S)
+        b, m = masks.shape[:2]
+        masks = masks.flatten(0, 1)  # (B*M, S, S), image-major
+        gt = masks > 0.5
+        use_box = bool(rng.random() < s.box_probability)
+        with self.autocast():
+            embeddings = self.system.encode(images).repeat_interleave(m, dim=0)
+            if use_box:
+                prompts = Prompts(boxes=batch["boxes"].to(self.device).float().flatten(0, 1))
+            else:
+                pts, lab = foreground_points(gt, gen)
+                prompts = Prompts(points=pts, labels=lab)
+            low_res, iou, _, _ = self.system.predict_low_res(embeddings, prompts)
+        loss, logits, logs = self.loss(low_res, iou, masks)
+        total = loss
+        if s.step_per_pass or s.iterations == 0:
+            yield loss, {"pass": 0, "prompt": "box" if use_box else "point", **logs}
+        embeddings = embeddings.detach()
+        mask_only = {s.iterations - 1}
+        if s.mask_only_passes and s.iterations >= 3:
+            mask_only.add(int(rng.integers(1, s.iterations - 1)))
+        elif not s.mask_only_passes:
+            mask_only = set()
+        prev = low_res.detach()
+        for it in range(s.iterations):
+            with self.autocast():
+                if it in mask_only:
+                    prompts = Prompts(mask_input=prev)
+                else:
+                    n = int(rng.choice(s.point_choices))
+                    pts, lab = error_points(logits[:, 0] > 0, gt, n, gen)
+                    prompts = Prompts(points=pts, labels=lab, mask_input=prev)
+                low_res, iou, _, _ = self.system.predict_low_res(embeddings, prompts)
+            loss, logits, logs = self.loss(low_res, iou, masks)
+            prev = low_res.detach()
+            if s.step_per_pass:
+                yield loss, {"pass": it + 1, **logs}
+            else:
+                total = total + loss
+        if not s.step_per_pass and s.iterations:
+            yield total / (s.iterations + 1), {"passes": s.iterations + 1}

@@ -54,7 +54,6 @@ def trained_decode(case: dict, run: Path, result: dict, amp) -> dict:
     """Exact vs adaptive decoding of a trained run at ``case["grid"]``; see the module docstring."""
     import time
 
-    import numpy as np
     import torch
 
     from imedsam.data import SegmentationDataset, discover

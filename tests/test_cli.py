@@ -77,6 +77,14 @@ def test_segment_adaptive_large_grid(tmp_path, capsys, caplog):
      "CKPT"),
     (["segment", "IMG", "--box", "1", "1", "5", "5", "--model", "tiny_vit_test", "--adaptive"], "--adaptive"),
     (["segment", "IMG", "--box", "1", "1", "5", "5", "--model", "tiny_vit_test", "--tta", "x"], "--tta"),
+    (["segment", "IMG", "--box", "50", "50", "50", "80"], "degenerate"),
+    (["segment", "IMG", "--box", "1", "1", "5", "5", "--auto"], "--auto"),
+    (["segment", "IMG", "--box", "1", "1", "5", "5", "--mask-input", "MISSING.png"], "MISSING.png"),
+    (["segment", "IMG", "--box", "1", "1", "5", "5", "--model", "sam_med2d", "--backbone", "nope"], "--backbone"),
+    (["segment", "IMG", "--box", "1", "1", "5", "5", "--model", "litemedsam", "--backbone", "tiny_vit_test"],
+     "--backbone"),
+    (["segment", "IMG", "--box", "1", "1", "5", "5", "--model", "sam_med2d", "--uncertainty", "u.png"],
+     "no uncertainty"),
 ])
 def test_user_errors_are_one_line_exit_2_and_write_nothing(tmp_path, image_file, capsys, argv, message):
     bad_ckpt = tmp_path / "bad.pth"
@@ -106,3 +114,44 @@ def test_info_lists_models_and_versions(capsys):
     assert code == 0
     assert {"litemedsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "mobilesam", "imedsam"} <= set(info["models"])
     assert info["versions"]["torch"]
+
+
+@pytest.mark.parametrize("clash", ["input", "overlay"])
+def test_outputs_never_overwrite_an_input_or_each_other(tmp_path, image_file, capsys, clash):
+    before = image_file.read_bytes()
+    out = image_file if clash == "input" else tmp_path / "m.png"
+    argv = ["segment", str(image_file), "--box", "5", "5", "30", "30", "--model", "tiny_vit_test", "--out", str(out)]
+    if clash == "overlay":
+        argv += ["--overlay", str(out)]
+    code, _, err = _run(capsys, argv)
+    assert code == 2 and ("is also the input" if clash == "input" else "is also --out") in err
+    assert image_file.read_bytes() == before and (clash == "input" or not out.exists())
+
+
+def test_segment_points_mask_prompt_and_auto(tmp_path, image_file, capsys):
+    base = ["segment", str(image_file), "--model", "sam_med2d", "--backbone", "tiny_tinyvit_test", "--device", "cpu"]
+    first = tmp_path / "first.png"
+    code, out, _ = _run(capsys, base + ["--point", "20", "15", "1", "--out", str(first)])
+    assert code == 0 and json.loads(out.splitlines()[-1])["mask"] == str(first.resolve())
+    second = tmp_path / "second.png"
+    code, _, _ = _run(capsys, base + ["--point", "20", "15", "1", "--point", "5", "5", "0", "--mask-input",
+                                      str(first), "--out", str(second)])
+    assert code == 0 and np.asarray(Image.open(second)).shape == (40, 48)
+    labels, overlay = tmp_path / "labels.png", tmp_path / "auto.png"
+    code, out, _ = _run(capsys, base + ["--auto", "--points-per-side", "4", "--pred-iou-thresh", "0",
+                                        "--stability-thresh", "0", "--out", str(labels), "--overlay", str(overlay)])
+    result = json.loads(out.splitlines()[-1])
+    assert code == 0 and np.asarray(Image.open(labels)).shape == (40, 48)
+    assert result["objects"] == len(np.unique(np.asarray(Image.open(labels)))) - 1
+    assert Image.open(overlay).size == (48, 40)
+
+
+def test_info_shows_the_reference_counts_of_sammed2d(capsys):
+    code, out, _ = _run(capsys, ["info", "--model", "sam_med2d", "--backbone", "sam_vit_b", "--mode", "reference",
+                                 "--json"])
+    p = json.loads(out)["parameters"]
+    assert code == 0 and p["total_trainable"] == 184_569_136 and p["img_size"] == 256
+    code, _, err = _run(capsys, ["info", "--model", "litemedsam", "--mode", "reference"])
+    assert code == 2 and "zero-shot and has no mode" in err
+    code, _, err = _run(capsys, ["info", "--model", "imedsam", "--mode", "bogus"])
+    assert code == 2 and "--mode" in err and len(err.strip().splitlines()) == 1

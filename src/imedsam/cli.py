@@ -30,8 +30,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | fp16 (default: auto)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as every user error: one line ``imedsam: error: ...`` and exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        verb = self.prog.split(" ", 1)[1] if " " in self.prog else ""
+        print(f"imedsam: error: {verb + ': ' if verb else ''}{message} (see imedsam {verb} --help)".replace(
+            "  ", " "), file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="imedsam", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="imedsam", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="verb", required=True)
     from imedsam import cli_train
@@ -246,7 +256,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or an argument error (2, already printed in one line)
+        return int(exc.code or 0)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     handlers = {"segment": cmd_segment, "info": cmd_info, "demo": cmd_demo}

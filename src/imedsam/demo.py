@@ -50,8 +50,8 @@ def run_zero_shot_ct(out: Path, device: str = "auto") -> dict:
 
 
 #: the short fine-tune of the demo (a few minutes on 2 cores); the user's data trains at 256 px
-DEMO_OVERRIDES = ["model.backbone=litemedsam", "optim.epochs=4", "optim.batch_size=2", "objective.points_per_image=2048",
-                  "objective.coarse_warm_epochs=2", "run.val_every=2", "run.seed=0"]
+DEMO_OVERRIDES = ["model.backbone=litemedsam", "optim.epochs=4", "optim.batch_size=2",
+                  "objective.points_per_image=2048", "objective.coarse_warm_epochs=2", "run.val_every=2", "run.seed=0"]
 DEMO_SWEEP = [(64, 64), (128, 128), (256, 256)]
 
 

@@ -123,3 +123,52 @@ def test_nsd_tolerance_and_empty_policy_reach_the_metrics(squares, tmp_path, cap
         assert main(args + ["--out", str(tmp_path / "bad")] + bad) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_points_protocol_writes_its_prompts_and_reuses_them(squares, tmp_path):
+    data, _ = squares
+    a = _evaluate(data, tmp_path / "a", prompt="points:3", seed=5)
+    drawn = json.loads((tmp_path / "a" / "prompts.json").read_text())
+    assert drawn["protocol"] == "points:3" and drawn["seed"] == 5 and len(drawn["cases"]) == 4
+    for case in drawn["cases"].values():
+        assert case["labels"] == [1, 0, 0]
+    rows = _rows(tmp_path / "a")
+    assert all(r["points"].count(":") == 3 for r in rows)
+    b = _evaluate(data, tmp_path / "b", prompt="points:3", seed=9, prompts_file=tmp_path / "a" / "prompts.json")
+    assert json.loads((tmp_path / "b" / "prompts.json").read_text())["cases"] == drawn["cases"]
+    assert b["dice"] == a["dice"] and [r["dice"] for r in _rows(tmp_path / "b")] == [r["dice"] for r in rows]
+    _evaluate(data, tmp_path / "c", prompt="points:3", seed=9)
+    assert json.loads((tmp_path / "c" / "prompts.json").read_text())["cases"] != drawn["cases"]
+    with pytest.raises(ImedsamError, match="holds 'points:3' prompts"):
+        _evaluate(data, tmp_path / "d", prompt="points:5", prompts_file=tmp_path / "a" / "prompts.json")
+
+
+def test_clicks_protocol_reports_dice_per_click_and_noc(squares, tmp_path):
+    data, _ = squares
+    summary = _evaluate(data, tmp_path / "k", prompt="clicks:3")
+    rows = _rows(tmp_path / "k")
+    assert len(summary["dice_per_click"]) == 3 and 1 <= summary["noc85"] <= 3 and 1 <= summary["noc90"] <= 3
+    for r in rows:
+        curve = [float(r[f"dice_click_{i}"]) for i in (1, 2, 3)]
+        assert float(r["dice"]) == pytest.approx(curve[-1])
+        first = next((i for i, d in enumerate(curve, 1) if d >= 0.85), 3)
+        assert int(r["noc85"]) == first
+        assert r["points"].count(":") == 3
+        assert r["points"].split()[0].endswith(":1")  # the first click adds the missing object
+    assert summary["protocol"] == "clicks:3"
+    with pytest.raises(ImedsamError, match="--tta"):
+        _evaluate(data, tmp_path / "t", prompt="clicks:3", tta="h")
+
+
+def test_a_folder_without_splits_is_scored_whole(squares, tmp_path):
+    import shutil
+
+    data, _ = squares
+    plain = tmp_path / "plain"
+    shutil.copytree(data, plain)
+    (plain / "splits.json").unlink()
+    summary = _evaluate(plain, tmp_path / "r")
+    assert summary["cases"] == 4
+    assert _evaluate(data, tmp_path / "r2", split="all")["cases"] == 4
+    with pytest.raises(ImedsamError, match="has no 'validation' split; it has test"):
+        _evaluate(data, tmp_path / "r3", split="validation")

@@ -57,7 +57,7 @@ class EvalCase:
 
 
 def resize_nearest(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of a (H, W) mask to ``size`` (pixel-centre sampling, as F.interpolate 'nearest-exact')."""
+    """Nearest-neighbour resize of a (H, W) mask to ``size`` (pixel centres, as F.interpolate 'nearest-exact')."""
     if tuple(mask.shape) == tuple(size):
         return mask.astype(bool)
     t = torch.from_numpy(mask.astype(np.float32))[None, None]

@@ -40,8 +40,8 @@ from imedsam.runtime import autocast
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CaseResult", "Protocol", "draw_points", "load_prompts", "next_click", "parse_protocol", "run_case",
-           "save_prompts", "noc"]
+__all__ = ["CaseResult", "Protocol", "draw_points", "encode_case", "load_prompts", "next_click", "noc",
+           "parse_protocol", "run_case", "save_prompts"]
 
 _EIGHT = np.ones((3, 3), dtype=bool)
 NOC_THRESHOLDS = (0.85, 0.90)
@@ -160,12 +160,16 @@ def _decode_grids(system, encoded, prompts, sizes, seed) -> list[torch.Tensor]:
 @torch.inference_mode()
 def run_case(system, case: EvalCase, protocol: Protocol, *, sizes: list[tuple[int, int] | None] | None = None,
              device: torch.device, amp_dtype=None, seed: int = 0, index: int = 0,
-             views: tuple[FlipView, ...] = (FlipView(),), prompt: dict | None = None) -> CaseResult:
+             views: tuple[FlipView, ...] = (FlipView(),), prompt: dict | None = None,
+             encoded: list | None = None) -> CaseResult:
     """Run ``protocol`` on one case (module docstring); ``index`` seeds the case's random points; ``prompt``
-    (from :func:`load_prompts`) replaces drawing them."""
+    (from :func:`load_prompts`) replaces drawing them; ``encoded`` (from :func:`encode_case`) reuses the views'
+    embeddings, so several protocols cost one encoder pass per view."""
     grids = [case.native_grid if s is None else tuple(s) for s in (sizes or [None])]
+    if encoded is None:
+        encoded = encode_case(system, case, views, device=device, amp_dtype=amp_dtype)
     if protocol.kind == "clicks":
-        return _run_clicks(system, case, protocol.n, device=device, amp_dtype=amp_dtype, seed=seed)
+        return _run_clicks(system, case, protocol.n, encoded[0], device=device, amp_dtype=amp_dtype, seed=seed)
     record: dict
     if protocol.kind == "box":
         box, points, labels = case.prompt_box(), None, None
@@ -181,15 +185,23 @@ def run_case(system, case: EvalCase, protocol: Protocol, *, sizes: list[tuple[in
         record = {"points": points.tolist(), "labels": labels.tolist()}
     logits: list[list[torch.Tensor]] = [[] for _ in grids]
     with autocast(device, amp_dtype):
-        for encoded in encode_views(system, case.image, views, device):
-            prompts = encoded.prompts(box, points, labels)
-            for i, lg in enumerate(_decode_grids(system, encoded, prompts, grids, seed)):
+        for view in encoded:
+            prompts = view.prompts(box, points, labels)
+            for i, lg in enumerate(_decode_grids(system, view, prompts, grids, seed)):
                 logits[i].append(lg)
     means = [mean_over_views(lg).cpu().numpy() for lg in logits]
     return CaseResult(preds=[m > 0 for m in means], logits=means, prompt=record)
 
 
-def _run_clicks(system, case: EvalCase, n: int, *, device, amp_dtype, seed: int) -> CaseResult:
+@torch.inference_mode()
+def encode_case(system, case: EvalCase, views: tuple[FlipView, ...] = (FlipView(),), *, device: torch.device,
+                amp_dtype=None) -> list:
+    """The case's image embedded once per view (:func:`imedsam.models.views.encode_views`)."""
+    with autocast(device, amp_dtype):
+        return encode_views(system, case.image, views, device)
+
+
+def _run_clicks(system, case: EvalCase, n: int, encoded, *, device, amp_dtype, seed: int) -> CaseResult:
     grid = case.native_grid
     gt = case.gt_on(grid)
     uses_mask = "mask" in getattr(system, "prompt_types", ())
@@ -199,8 +211,9 @@ def _run_clicks(system, case: EvalCase, n: int, *, device, amp_dtype, seed: int)
     logits = np.full(grid, -1.0, dtype=np.float32)
     low_res = None
     dice: list[float] = []
+    if encoded.view.axes:
+        raise ImedsamError("clicks protocol: runs on the image itself, not a flipped view")
     with autocast(device, amp_dtype):
-        encoded = encode_views(system, case.image, (FlipView(),), device)[0]
         for _ in range(n):
             click = next_click(pred, gt)
             if click is None:  # perfect already: later clicks change nothing

@@ -19,7 +19,8 @@ Item layout (original size unless ``size``; see :mod:`imedsam.data.dataset`):
 - ``"masks"``: float32 ``(M, H, W)`` in {0, 1}, ``M = masks_per_image``;
 - ``"boxes"``: float32 ``(M, 4)`` half-open xyxy boxes of the masks (of their largest component with
   ``box_component="largest"``, SAM-Med2D), jittered when ``box_jitter`` is given;
-- ``"object_ids"``: int64 ``(M,)`` ids of the drawn objects; ``"case_id"``, ``"slice_index"`` as SegmentationDataset.
+- ``"object_ids"``: int64 ``(M,)`` the drawn objects: class ids (``"classes"``) or component numbers;
+  ``"case_id"``, ``"slice_index"`` as SegmentationDataset.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 def object_map(labels: np.ndarray, objects: str, min_foreground: int, min_fraction: float) -> np.ndarray:
-    """(H, W) label map -> (H, W) int64 map of the kept objects, ids 1..K (0 elsewhere)."""
+    """(H, W) label map -> (H, W) int64 map of the kept objects (0 elsewhere): their class ids (``"classes"``) or
+    1..K in class then component order (``"components"``)."""
     out = np.zeros(labels.shape, dtype=np.int64)
     floor = max(int(min_foreground), int(np.ceil(min_fraction * labels.size)))
     k = 0
@@ -67,7 +69,7 @@ def object_map(labels: np.ndarray, objects: str, min_foreground: int, min_fracti
         for part in parts:
             if part.sum() >= floor:
                 k += 1
-                out[part] = k
+                out[part] = c if objects == "classes" else k
     return out
 
 

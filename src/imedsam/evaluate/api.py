@@ -17,7 +17,7 @@ def run_evaluation(*, run: str | None, model: str | None, checkpoint: str | None
                    seed: int = 0, limit: int | None = None, adaptive: bool = False,
                    min_component: int = 0, tta: str | None = None, box_jitter: tuple[float, float] | None = None,
                    gt_dir: str | Path | None = None, nsd_tolerance: float = 2.0, empty_policy="nan",
-                   prompt: str = "box", prompts_file: str | Path | None = None) -> dict:
+                   prompt: str = "box", prompts_file: str | Path | None = None, min_foreground: int = 1) -> dict:
     """Score a trained run (``run``) or a zero-shot model (``model``) on ``split`` of ``data``; returns a summary.
 
     ``split``: a split name, or ``"all"`` (every case; also what a folder without splits gets). ``prompt``: the
@@ -26,6 +26,7 @@ def run_evaluation(*, run: str | None, model: str | None, checkpoint: str | None
     ``box_jitter``: (lo, hi) pixels, each side of the GT box expanded by U[lo, hi) (seeded by ``seed``); ``gt_dir``:
     a folder of masks named like the dataset's images to score against instead (see :func:`load_gt_dir`);
     ``nsd_tolerance`` and ``empty_policy``: as in :func:`imedsam.evaluate.metrics.binary_metrics`.
+    ``min_foreground``: score only objects (and slices of volumes) with at least this many pixels.
     """
     from imedsam.data import SegmentationDataset, discover
     from imedsam.data.cases import dataset_cases
@@ -58,7 +59,10 @@ def run_evaluation(*, run: str | None, model: str | None, checkpoint: str | None
     else:
         split_arg = split
     jitter = {"mode": "expand", "expand": tuple(box_jitter)} if box_jitter else None
-    cases = dataset_cases(SegmentationDataset(index, split=split_arg, box_jitter=jitter, seed=seed), limit=limit)
+    if min_foreground < 1:
+        raise ImedsamError(f"--min-foreground: must be >= 1 pixel, got {min_foreground}")
+    cases = dataset_cases(SegmentationDataset(index, split=split_arg, box_jitter=jitter, seed=seed,
+                                              min_foreground=min_foreground), limit=limit)
     reused = None
     if prompts_file is not None:
         if protocol.kind != "points":
@@ -106,13 +110,17 @@ def run_evaluation(*, run: str | None, model: str | None, checkpoint: str | None
     config = {"run": str(run) if run else None, "model": model, "checkpoint": checkpoint, "data": str(data),
               "split": split, "grids": [s if s is None else list(s) for s in sizes], "precision": precision,
               "decoding": "adaptive" if adaptive else "exact", "min_component": min_component,
-              "tta": ",".join(v.name for v in views),
+              "tta": ",".join(v.name for v in views), "min_foreground": min_foreground,
               "seed": seed, "gt_dir": None if gt_dir is None else str(gt_dir),
               "prompt": _prompt_text(protocol, box_jitter, seed, prompts_file),
               "protocol": " ".join(protocol_text.split())}
+    headline = {"protocol": protocol.name, "dice (mean per mask)": summarize(main_rows)["dice"]["mean"],
+                "dice (mean per image)": per_image_mean(main_rows, "dice")}
+    if protocol.kind == "clicks":
+        headline.update(click_summary(main_rows, protocol.n))
     paths = write_report(out, rows, config=config, conventions=metric_conventions, overlays=overlays,
                          sweep=sweep_means, title=f"imedsam evaluation: {run or model} on {Path(data).name}/{split}",
-                         group_by="gt_components")
+                         group_by="gt_components", headline=headline)
     summary = summarize(main_rows)
     result = {"report": str(Path(paths["html"]).resolve()), "protocol": protocol.name, "cases": len(main_rows),
               "dice": summary["dice"]["mean"], "dice_per_image": per_image_mean(main_rows, "dice"),
@@ -146,8 +154,9 @@ def _prompt_text(protocol, box_jitter, seed: int, prompts_file) -> str:
                    if box_jitter else ""))
     if protocol.kind == "points":
         source = f"read from {prompts_file}" if prompts_file else f"drawn with seed {seed}, saved in prompts.json"
-        return (f"{protocol.n} random point(s) from the ground truth ({'1 foreground' if protocol.n == 1 else f'{protocol.n // 2} foreground + {protocol.n - protocol.n // 2} background'}), "
-                f"{source}")
+        n_fg = 1 if protocol.n == 1 else protocol.n // 2
+        return (f"{protocol.n} random point(s) from the ground truth ({n_fg} foreground + {protocol.n - n_fg} "
+                f"background, uniformly without replacement), {source}")
     return (f"{protocol.n} corrective clicks, each at the interior-most pixel of the largest error region (label "
             "1 on a false negative, 0 on a false positive), accumulated, previous logits as mask prompt when the "
             "model takes one; Dice after each click, NoC@85/90 capped at the click count")

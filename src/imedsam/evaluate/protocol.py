@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from imedsam.data.cases import EvalCase, resize_nearest  # noqa: F401  (re-exported: the protocol's cases)
 from imedsam.data.interaction import NOC_THRESHOLDS, Protocol, noc, run_case
 from imedsam.models.postprocess import count_components, remove_small_components
-from imedsam.models.views import FlipView, encode_views, mean_over_views
+from imedsam.models.views import FlipView, encode_views
 from imedsam.runtime import autocast
 
 log = logging.getLogger(__name__)
@@ -79,38 +78,59 @@ def evaluate_cases(system, cases, *, sizes: list[tuple[int, int] | None], device
     ``prompts``: the points of a ``points:N`` protocol per case id (reused instead of drawn).
     Returns the rows and the prompts used per case id.
     """
+    out = evaluate_protocols(system, cases, [protocol], sizes=sizes, device=device, amp_dtype=amp_dtype, seed=seed,
+                             progress=progress, min_component=min_component, views=views,
+                             nsd_tolerance=nsd_tolerance, empty_policy=empty_policy,
+                             prompts={protocol.name: prompts} if prompts else None)
+    return out[protocol.name]
+
+
+def evaluate_protocols(system, cases, protocols: list[Protocol], *, sizes: list[tuple[int, int] | None],
+                       device: torch.device, amp_dtype=None, seed: int = 0, progress: bool = True,
+                       min_component: int = 0, views: tuple[FlipView, ...] = (FlipView(),),
+                       nsd_tolerance: float = 2.0, empty_policy="nan",
+                       prompts: dict[str, dict[str, dict]] | None = None) -> dict[str, tuple[list[dict], dict]]:
+    """:func:`evaluate_cases` for several protocols at once: every image is embedded once (per view) and every
+    protocol decodes from that embedding. Returns ``{protocol name: (rows, prompts used)}``; ``prompts`` maps a
+    protocol name to the prompts to reuse for it."""
+    from imedsam.data.interaction import encode_case
     from imedsam.evaluate.metrics import binary_metrics
 
-    rows, used = [], {}
+    results: dict[str, tuple[list[dict], dict]] = {p.name: ([], {}) for p in protocols}
     system.eval()
     for index, case in enumerate(tqdm(cases, desc="evaluate", unit="case", disable=not progress, leave=False)):
         if not case.gt.any():
             log.warning("%s: empty ground truth, no prompt possible; skipped", case.case_id)
             continue
-        grids = [tuple(size) if size is not None else case.native_grid for size in sizes]
-        if protocol.kind == "clicks":
-            grids = [case.native_grid]
-        res = run_case(system, case, protocol, sizes=grids, device=device, amp_dtype=amp_dtype, seed=seed,
-                       index=index, views=views, prompt=None if prompts is None else prompts.get(case.case_id))
-        used[case.case_id] = res.prompt
+        encoded = encode_case(system, case, views, device=device, amp_dtype=amp_dtype)
         n_components = count_components(case.gt, GT_COMPONENT_FRACTION)
-        for grid, pred in zip(grids, res.preds):
-            pred = remove_small_components(pred, min_component)
-            gt = case.gt_on(grid)
-            spacing = None
-            if case.spacing is not None:
-                spacing = (case.spacing[0] * case.gt.shape[0] / grid[0], case.spacing[1] * case.gt.shape[1] / grid[1])
-            metrics = binary_metrics(pred, gt, spacing=spacing, nsd_tolerance=nsd_tolerance,
-                                     empty_policy=empty_policy)
-            row = {"case": case.case_id, "image": case.image_id, "grid": f"{grid[0]}x{grid[1]}",
-                   "height": grid[0], "width": grid[1],
-                   **{k: (float(v) if v is not None else None) for k, v in metrics.items()},
-                   "gt_components": n_components, **_describe(res.prompt)}
-            if res.dice_per_click is not None:
-                row.update({f"dice_click_{i}": d for i, d in enumerate(res.dice_per_click, start=1)})
-                row.update({f"noc{round(t * 100)}": noc(res.dice_per_click, t) for t in NOC_THRESHOLDS})
-            rows.append(row)
-    return rows, used
+        for protocol in protocols:
+            rows, used = results[protocol.name]
+            grids = [tuple(size) if size is not None else case.native_grid for size in sizes]
+            if protocol.kind == "clicks":
+                grids = [case.native_grid]
+            reuse = (prompts or {}).get(protocol.name) or {}
+            res = run_case(system, case, protocol, sizes=grids, device=device, amp_dtype=amp_dtype, seed=seed,
+                           index=index, views=views, prompt=reuse.get(case.case_id), encoded=encoded)
+            used[case.case_id] = res.prompt
+            for grid, pred in zip(grids, res.preds):
+                pred = remove_small_components(pred, min_component)
+                gt = case.gt_on(grid)
+                spacing = None
+                if case.spacing is not None:
+                    spacing = (case.spacing[0] * case.gt.shape[0] / grid[0],
+                               case.spacing[1] * case.gt.shape[1] / grid[1])
+                metrics = binary_metrics(pred, gt, spacing=spacing, nsd_tolerance=nsd_tolerance,
+                                         empty_policy=empty_policy)
+                row = {"case": case.case_id, "image": case.image_id, "grid": f"{grid[0]}x{grid[1]}",
+                       "height": grid[0], "width": grid[1],
+                       **{k: (float(v) if v is not None else None) for k, v in metrics.items()},
+                       "gt_components": n_components, **_describe(res.prompt)}
+                if res.dice_per_click is not None:
+                    row.update({f"dice_click_{i}": d for i, d in enumerate(res.dice_per_click, start=1)})
+                    row.update({f"noc{round(t * 100)}": noc(res.dice_per_click, t) for t in NOC_THRESHOLDS})
+                rows.append(row)
+    return results
 
 
 def _describe(prompt: dict) -> dict[str, str]:

@@ -255,7 +255,8 @@ figure{margin:0}figcaption{font-size:0.85em;text-align:center}pre{background:#f7
 def write_report(out_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]], *, config: Mapping[str, Any],
                  conventions: Mapping[str, Any], overlays: Mapping[str, Overlay] | None = None,
                  sweep: Mapping[int, float] | None = None, title: str = "imedsam evaluation report",
-                 id_key: str = "case", key: str = "dice", group_by: str | None = None) -> dict[str, Path]:
+                 id_key: str = "case", key: str = "dice", group_by: str | None = None,
+                 headline: Mapping[str, Any] | None = None) -> dict[str, Path]:
     """Write ``cases.csv``, ``summary.json`` and ``report.html`` into ``out_dir`` (created; atomic writes).
 
     Args:
@@ -273,6 +274,8 @@ def write_report(out_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]], 
         key: the metric used for case selection and the histogram.
         group_by: a column (e.g. ``"gt_components"``); when the rows carry it, ``summary.json`` gets the
             statistics per value of that column under ``"groups"`` and the HTML a table of ``key`` per group.
+        headline: figures of the protocol beyond the per-case statistics (e.g. the per-image mean Dice, the Dice
+            after each click, NoC), written under ``"headline"`` and listed at the top of the HTML.
 
     Returns:
         ``{"csv": path, "json": path, "html": path}``.
@@ -311,6 +314,7 @@ def write_report(out_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]], 
         "selected": selected,
         "sweep": {str(k): sweep[k] for k in sorted(sweep)} if sweep is not None else None,
         "groups": _groups(rows, group_by),
+        "headline": dict(headline or {}),
         "config": config,
         "conventions": conventions,
     })
@@ -353,6 +357,9 @@ def _render_html(rows, *, id_col, key, title, summary, selected, overlays, sweep
              f"{esc(str(summary['created_utc']))}</p>"]
 
     parts.append("<h2>Summary</h2>")
+    if summary.get("headline"):
+        parts.append("<ul>" + "".join(f"<li>{esc(str(k))}: {esc(json.dumps(v))}</li>"
+                                      for k, v in summary["headline"].items()) + "</ul>")
     parts.append('<table><tr><th class="k">metric</th><th>mean</th><th>std</th><th>median</th><th>min</th>'
                  "<th>max</th><th>n valid</th><th>n NaN (excluded)</th></tr>")
     for name, s in summary["metrics"].items():

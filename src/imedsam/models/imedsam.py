@@ -247,6 +247,7 @@ def breakdown(system: IMedSAM) -> dict[str, int]:
 
 
 SPEC = SystemSpec(
-    name="imedsam", cls=IMedSAM, description="I-MedSAM: LoRA(q,v) + frequency adapter + implicit coarse-to-fine decoder",
+    name="imedsam", cls=IMedSAM,
+    description="I-MedSAM: LoRA(q,v) + frequency adapter + implicit coarse-to-fine decoder",
     config=IMedSAMConfig, build=build_imedsam, breakdown=breakdown, objective="implicit_points", vit_size=384,
     options={"num_classes": "decoder.num_classes"})

@@ -116,5 +116,5 @@ def _breakdown(system: ZeroShotSam) -> dict[str, int]:
     return {"(none: zero-shot)": 0}
 
 
-SPEC = SystemSpec(name="sam", cls=ZeroShotSam, description="a SAM-family backbone used zero-shot", config=ZeroShotConfig,
-                  build=build_zero_shot, breakdown=_breakdown)
+SPEC = SystemSpec(name="sam", cls=ZeroShotSam, description="a SAM-family backbone used zero-shot",
+                  config=ZeroShotConfig, build=build_zero_shot, breakdown=_breakdown)

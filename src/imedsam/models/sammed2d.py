@@ -38,7 +38,7 @@ from imedsam.models.base import DecodeResult, Prompts, trainable_breakdown
 from imedsam.models.config import Strict, SystemConfig
 from imedsam.models.sam import SamDecoding
 from imedsam.models.spec import SystemSpec
-from imedsam.peft.backbone import attention_blocks, freeze_backbone
+from imedsam.peft.backbone import freeze_backbone
 from imedsam.peft.med2d import SLOT_KEY, attach_med2d
 from imedsam.sam.build import build_sam, get_spec
 from imedsam.sam.model import SamModel
@@ -209,6 +209,8 @@ def breakdown(system: SamMed2D) -> dict[str, int]:
     })
 
 
-SPEC = SystemSpec(name="sam_med2d", cls=SamMed2D, description="SAM-Med2D: adapters beside every MLP + trained prompt encoder and "
-                                                "mask decoder; box, point and mask prompts, iterative clicks",
-                  config=SamMed2DConfig, build=build_sammed2d, breakdown=breakdown, objective="iterative_clicks", vit_size=256)
+SPEC = SystemSpec(name="sam_med2d", cls=SamMed2D,
+                  description="SAM-Med2D: adapters beside every MLP + trained prompt encoder and mask decoder; box, "
+                              "point and mask prompts, iterative clicks",
+                  config=SamMed2DConfig, build=build_sammed2d, breakdown=breakdown, objective="iterative_clicks",
+                  vit_size=256)

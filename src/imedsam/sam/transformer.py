@@ -9,7 +9,6 @@ no dropout), which matches SAM's explicit softmax attention to float rounding.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

@@ -57,21 +57,21 @@ def training_dataset(cfg: TrainConfig, index, objective_cls):
 
 def make_validator(val_cases, protocols, *, size, device, amp, seed):
     """``validate(system) -> {"dice": mean over the protocols, per protocol, "n"}`` (Dice per case, mean)."""
-    from imedsam.data.interaction import parse_protocol, run_case
+    from imedsam.data.interaction import encode_case, parse_protocol, run_case
 
     parsed = [parse_protocol(p) for p in protocols]
 
     def validate(system) -> dict:
-        out = {}
-        for protocol in parsed:
-            dice = []
-            for i, case in enumerate(val_cases):
+        dice: dict[str, list[float]] = {p.name: [] for p in parsed}
+        for i, case in enumerate(val_cases):
+            encoded = encode_case(system, case, device=device, amp_dtype=amp)  # once for every protocol
+            for protocol in parsed:
                 res = run_case(system, case, protocol, sizes=[size], device=device, amp_dtype=amp, seed=seed,
-                               index=i)
+                               index=i, encoded=encoded)
                 gt = case.gt_on(res.preds[0].shape)
                 s = int(res.preds[0].sum()) + int(gt.sum())
-                dice.append(1.0 if s == 0 else 2.0 * int((res.preds[0] & gt).sum()) / s)
-            out[protocol.name] = float(np.mean(dice)) if dice else 0.0
+                dice[protocol.name].append(1.0 if s == 0 else 2.0 * int((res.preds[0] & gt).sum()) / s)
+        out = {name: float(np.mean(v)) if v else 0.0 for name, v in dice.items()}
         return {"dice": float(np.mean(list(out.values()))), **({"by_protocol": out} if len(out) > 1 else {}),
                 "n": len(val_cases)}
 

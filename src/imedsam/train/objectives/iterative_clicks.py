@@ -5,8 +5,10 @@ Per batch of B images with M object masks each (``masks_per_image``; the image e
 shared by its M prompts):
 
 1. **First pass.** With probability ``box_probability`` the whole batch is prompted with boxes (the dataset's
-   training boxes: largest component, shifted), otherwise with one random foreground point per mask. Encoder
-   (adapters) + prompt encoder + mask decoder; loss; optimizer step.
+   training boxes: largest component, shifted), otherwise with ``n`` random points per mask, ``n`` drawn from
+   ``first_points`` (SAM-Med2D: always 1, one foreground pixel; ``n > 1`` draws ``n // 2`` foreground and the rest
+   background pixels, as the ``points:N`` test protocol). Encoder (adapters) + prompt encoder + mask decoder;
+   loss; optimizer step.
 2. **Decoder-only passes** (``iterations``, default 8), on the detached embedding (the encoder does not change
    within the batch): before each, ``n`` points (``n`` drawn from ``point_choices`` = 1, 3, 5, 9) are sampled
    uniformly, with replacement, from the error region ``prediction != ground truth`` of the previous pass, label 1
@@ -41,7 +43,10 @@ class IterativeClickSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     masks_per_image: int = Field(5, ge=1, description="object masks drawn per image (with replacement) per step")
-    box_probability: float = Field(0.5, ge=0, le=1, description="first pass prompted by boxes (else one point)")
+    box_probability: float = Field(0.5, ge=0, le=1, description="first pass prompted by boxes (else points)")
+    first_points: tuple[int, ...] = Field((1,), min_length=1, description="points of a point-prompted first pass, "
+                                                                         "drawn per batch from this list (1: one "
+                                                                         "foreground; n: n//2 fg + rest bg)")
     iterations: int = Field(8, ge=0, description="decoder-only passes after the first")
     point_choices: tuple[int, ...] = Field((1, 3, 5, 9), min_length=1, description="points per decoder-only pass")
     mask_only_passes: bool = Field(True, description="one random middle pass and the last take the mask prompt "
@@ -52,7 +57,7 @@ class IterativeClickSettings(BaseModel):
     dice_weight: float = Field(1.0, ge=0)
     iou_weight: float = Field(1.0, ge=0)
 
-    @field_validator("point_choices")
+    @field_validator("point_choices", "first_points")
     @classmethod
     def _positive(cls, v: tuple[int, ...]) -> tuple[int, ...]:
         if min(v) < 1:
@@ -81,17 +86,30 @@ def error_points(pred: torch.Tensor, gt: torch.Tensor, n: int,
     return points, labels
 
 
-def foreground_points(gt: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """One random foreground pixel per mask: points (N, 1, 2) xy, labels (N, 1) = 1 (0 and a random pixel for
-    an empty mask, as SAM-Med2D)."""
-    flat = gt.flatten(1)
+def _pixels(region: torch.Tensor, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` pixels per row of ``region`` (N, H, W) bool, uniformly with replacement (anywhere for an empty row):
+    (N, n, 2) xy and the (N,) emptiness."""
+    flat = region.flatten(1)
     empty = ~flat.any(dim=1)
     weights = torch.where(empty[:, None], torch.ones_like(flat, dtype=torch.float32), flat.float())
-    idx = torch.multinomial(weights.cpu(), 1, replacement=True, generator=generator).to(gt.device)
-    w = gt.shape[-1]
-    points = torch.stack([idx % w, idx // w], dim=-1).float()
-    labels = torch.where(empty[:, None], torch.zeros_like(idx), torch.ones_like(idx))
-    return points, labels
+    idx = torch.multinomial(weights.cpu(), n, replacement=True, generator=generator).to(region.device)
+    w = region.shape[-1]
+    return torch.stack([idx % w, idx // w], dim=-1).float(), empty
+
+
+def foreground_points(gt: torch.Tensor, generator: torch.Generator, n: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random points per mask as the ``points:N`` test: ``n = 1`` one foreground pixel, ``n > 1`` ``n // 2``
+    foreground then the rest background. Points (N, n, 2) xy, labels (N, n); a missing region (an empty mask, a
+    full one) gives label 0 and 1 pixels anywhere, as SAM-Med2D does for empty masks."""
+    n_fg = 1 if n == 1 else n // 2
+    fg, no_fg = _pixels(gt, n_fg, generator)
+    labels = [torch.where(no_fg[:, None], 0, 1).expand(-1, n_fg)]
+    points = [fg]
+    if n > n_fg:
+        bg, no_bg = _pixels(~gt, n - n_fg, generator)
+        points.append(bg)
+        labels.append(torch.where(no_bg[:, None], 1, 0).expand(-1, n - n_fg))
+    return torch.cat(points, 1), torch.cat(labels, 1).long()
 
 
 class IterativeClickObjective(Objective):
@@ -109,7 +127,8 @@ class IterativeClickObjective(Objective):
         iou_true = mask_iou(logits, target)
         iou_mse = F.mse_loss(iou_pred.float()[:, 0], iou_true)
         loss = s.focal_weight * focal + s.dice_weight * dice + s.iou_weight * iou_mse
-        return loss, logits.detach(), {"focal": float(focal), "dice_loss": float(dice), "iou_mse": float(iou_mse)}
+        return loss, logits.detach(), {"focal": float(focal.detach()), "dice_loss": float(dice.detach()),
+                                      "iou_mse": float(iou_mse.detach())}
 
     def steps(self, batch: dict[str, Any], *, epoch: int, step: int) -> Iterator[tuple[torch.Tensor, dict]]:
         s = self.settings
@@ -127,7 +146,7 @@ class IterativeClickObjective(Objective):
             if use_box:
                 prompts = Prompts(boxes=batch["boxes"].to(self.device).float().flatten(0, 1))
             else:
-                pts, lab = foreground_points(gt, gen)
+                pts, lab = foreground_points(gt, gen, int(rng.choice(s.first_points)))
                 prompts = Prompts(points=pts, labels=lab)
             low_res, iou, _, _ = self.system.predict_low_res(embeddings, prompts)
         loss, logits, logs = self.loss(low_res, iou, masks)

@@ -65,6 +65,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int_at_least(1), default=None, help="score only the first N cases")
     p.add_argument("--min-foreground", type=int_at_least(1), default=1, metavar="PX",
                    help="score only objects (and volume slices) with at least PX pixels (default 1)")
+    p.add_argument("--objects", default="classes", choices=("classes", "components"),
+                   help="prompt targets: each class of an image (default) or each connected component")
     p.add_argument("--out", required=True, help="report folder (cases.csv, summary.json, report.html)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="fp32", help="fp32 (default) | auto | bf16 | fp16")
@@ -145,7 +147,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                              adaptive=args.adaptive, min_component=args.min_component, tta=args.tta,
                              box_jitter=_box_jitter(args.box_jitter), gt_dir=args.gt_dir,
                              nsd_tolerance=args.nsd_tolerance, empty_policy=_empty_policy(args.empty_policy),
-                             prompt=args.prompt, prompts_file=args.prompts, min_foreground=args.min_foreground)
+                             prompt=args.prompt, prompts_file=args.prompts, min_foreground=args.min_foreground,
+                             objects=args.objects)
     print(json.dumps(summary))
     return 0
 

@@ -172,3 +172,20 @@ def test_a_folder_without_splits_is_scored_whole(squares, tmp_path):
     assert _evaluate(data, tmp_path / "r2", split="all")["cases"] == 4
     with pytest.raises(ImedsamError, match="has no 'validation' split; it has test"):
         _evaluate(data, tmp_path / "r3", split="validation")
+
+
+def test_components_as_objects_split_a_class_into_its_pieces(tmp_path):
+    from imedsam.data.cases import EvalCase, split_components
+
+    gt = np.zeros((20, 20), bool)
+    gt[1:5, 1:5] = True
+    gt[10:18, 10:18] = True
+    gt[0, 19] = True  # a 1-px speck
+    case = EvalCase("img#c2", np.zeros((20, 20, 3), np.uint8), gt, box=np.array([0.0, 0, 20, 20]), stem="img",
+                    class_id=2)
+    parts = split_components([case], min_pixels=2)
+    assert [p.case_id for p in parts] == ["img#c2#k1", "img#c2#k2"]
+    assert [int(p.gt.sum()) for p in parts] == [16, 64]
+    assert parts[1].prompt_box().tolist() == [10, 10, 18, 18] and parts[0].image_id == "img"
+    single = EvalCase("one", np.zeros((20, 20, 3), np.uint8), gt & (np.arange(20)[None, :] < 8))
+    assert split_components([single]) == [single]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from imedsam.data.prompts import box_from_mask
 
-__all__ = ["EvalCase", "dataset_cases", "resize_nearest"]
+__all__ = ["EvalCase", "dataset_cases", "resize_nearest", "split_components"]
 
 
 @dataclass
@@ -85,3 +85,23 @@ def dataset_cases(dataset, limit: int | None = None):
                               class_id=int(item.get("class_id", 1)),
                               slice_index=slice_index if slice_index >= 0 else None))
     return cases
+
+
+def split_components(cases: list[EvalCase], min_pixels: int = 1) -> list[EvalCase]:
+    """One case per 8-connected component of each case's ground truth (``--objects components``): a label map's
+    class made of separate objects becomes one prompt target per object (``<case>#k1``, ``#k2``...). Components
+    under ``min_pixels`` are dropped; a case with a single component keeps its id. The prompt box becomes the
+    component's tight box (a jittered box cannot be split and is recomputed)."""
+    from scipy import ndimage
+
+    out = []
+    for case in cases:
+        labels, n = ndimage.label(case.gt, structure=np.ones((3, 3), dtype=bool))
+        parts = [labels == k for k in range(1, n + 1) if int((labels == k).sum()) >= min_pixels]
+        if len(parts) <= 1:
+            out.append(case)
+            continue
+        for k, part in enumerate(parts, start=1):
+            out.append(EvalCase(case_id=f"{case.case_id}#k{k}", image=case.image, gt=part, spacing=case.spacing,
+                                box=None, stem=case.stem, class_id=case.class_id, slice_index=case.slice_index))
+    return out

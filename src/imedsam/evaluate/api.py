@@ -17,7 +17,8 @@ def run_evaluation(*, run: str | None, model: str | None, checkpoint: str | None
                    seed: int = 0, limit: int | None = None, adaptive: bool = False,
                    min_component: int = 0, tta: str | None = None, box_jitter: tuple[float, float] | None = None,
                    gt_dir: str | Path | None = None, nsd_tolerance: float = 2.0, empty_policy="nan",
-                   prompt: str = "box", prompts_file: str | Path | None = None, min_foreground: int = 1) -> dict:
+                   prompt: str = "box", prompts_file: str | Path | None = None, min_foreground: int = 1,
+                   objects: str = "classes") -> dict:
     """Score a trained run (``run``) or a zero-shot model (``model``) on ``split`` of ``data``; returns a summary.
 
     ``split``: a split name, or ``"all"`` (every case; also what a folder without splits gets). ``prompt``: the
@@ -26,7 +27,9 @@ def run_evaluation(*, run: str | None, model: str | None, checkpoint: str | None
     ``box_jitter``: (lo, hi) pixels, each side of the GT box expanded by U[lo, hi) (seeded by ``seed``); ``gt_dir``:
     a folder of masks named like the dataset's images to score against instead (see :func:`load_gt_dir`);
     ``nsd_tolerance`` and ``empty_policy``: as in :func:`imedsam.evaluate.metrics.binary_metrics`.
-    ``min_foreground``: score only objects (and slices of volumes) with at least this many pixels.
+    ``min_foreground``: score only objects (and slices of volumes) with at least this many pixels. ``objects``:
+    ``"classes"`` (one prompt target per class of an image) or ``"components"`` (one per connected component,
+    :func:`imedsam.data.cases.split_components`; not with ``gt_dir``).
     """
     from imedsam.data import SegmentationDataset, discover
     from imedsam.data.cases import dataset_cases
@@ -61,8 +64,16 @@ def run_evaluation(*, run: str | None, model: str | None, checkpoint: str | None
     jitter = {"mode": "expand", "expand": tuple(box_jitter)} if box_jitter else None
     if min_foreground < 1:
         raise ImedsamError(f"--min-foreground: must be >= 1 pixel, got {min_foreground}")
+    if objects not in ("classes", "components"):
+        raise ImedsamError(f"--objects: {objects!r}; use classes or components")
+    if objects == "components" and gt_dir is not None:
+        raise ImedsamError("--objects components: not with --gt-dir (the other grid's masks are whole classes)")
     cases = dataset_cases(SegmentationDataset(index, split=split_arg, box_jitter=jitter, seed=seed,
                                               min_foreground=min_foreground), limit=limit)
+    if objects == "components":
+        from imedsam.data.cases import split_components
+
+        cases = split_components(cases, min_foreground)
     reused = None
     if prompts_file is not None:
         if protocol.kind != "points":
@@ -110,7 +121,7 @@ def run_evaluation(*, run: str | None, model: str | None, checkpoint: str | None
     config = {"run": str(run) if run else None, "model": model, "checkpoint": checkpoint, "data": str(data),
               "split": split, "grids": [s if s is None else list(s) for s in sizes], "precision": precision,
               "decoding": "adaptive" if adaptive else "exact", "min_component": min_component,
-              "tta": ",".join(v.name for v in views), "min_foreground": min_foreground,
+              "tta": ",".join(v.name for v in views), "min_foreground": min_foreground, "objects": objects,
               "seed": seed, "gt_dir": None if gt_dir is None else str(gt_dir),
               "prompt": _prompt_text(protocol, box_jitter, seed, prompts_file),
               "protocol": " ".join(protocol_text.split())}

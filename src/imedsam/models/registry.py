@@ -27,9 +27,9 @@ ADAPTER_FILES = ("best.safetensors", "adapter.safetensors")
 
 
 def _specs() -> dict[str, SystemSpec]:
-    from imedsam.models import imedsam, sam, sammed2d
+    from imedsam.models import imedsam, masam, sam, sammed2d
 
-    return {spec.name: spec for spec in (sam.SPEC, imedsam.SPEC, sammed2d.SPEC)}
+    return {spec.name: spec for spec in (sam.SPEC, imedsam.SPEC, sammed2d.SPEC, masam.SPEC)}
 
 
 SYSTEMS: dict[str, SystemSpec] = _specs()

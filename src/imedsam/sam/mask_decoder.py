@@ -74,6 +74,11 @@ class MaskDecoder(nn.Module):
         activation: activation class of the up-scaling head.
         iou_head_depth: layers of the IoU-prediction MLP.
         iou_head_hidden_dim: hidden width of the IoU-prediction MLP.
+        upscale_channels: output channels of the up-scaling head's transposed convolutions (each doubles the grid;
+            LayerNorm2d + activation after every one but the last, the activation after the last). Default
+            ``(C/4, C/8)``, SAM's 4x head (keys ``output_upscaling.{0,1,3}``); MA-SAM's progressive 16x head is
+            ``(64, 32, 16, 8)`` (keys ``output_upscaling.{0,1,3,4,6,7,9}``). The hypernetworks output the last
+            width.
 
     Output tokens are ordered ``[iou_token, mask_tokens[0..num_multimask_outputs], sparse prompts...]``, so
     ``T = 1 + (num_multimask_outputs + 1) + n``.
@@ -88,6 +93,7 @@ class MaskDecoder(nn.Module):
         activation: type[nn.Module] = nn.GELU,
         iou_head_depth: int = 3,
         iou_head_hidden_dim: int = 256,
+        upscale_channels: tuple[int, ...] | None = None,
     ) -> None:
         super().__init__()
         if transformer_dim <= 0 or transformer_dim % 8:
@@ -102,15 +108,20 @@ class MaskDecoder(nn.Module):
         self.num_mask_tokens = num_multimask_outputs + 1
         self.mask_tokens = nn.Embedding(self.num_mask_tokens, transformer_dim)
 
-        self.output_upscaling = nn.Sequential(
-            nn.ConvTranspose2d(transformer_dim, transformer_dim // 4, kernel_size=2, stride=2),
-            LayerNorm2d(transformer_dim // 4),
-            activation(),
-            nn.ConvTranspose2d(transformer_dim // 4, transformer_dim // 8, kernel_size=2, stride=2),
-            activation(),
-        )
+        widths = tuple(upscale_channels or (transformer_dim // 4, transformer_dim // 8))
+        if not widths or min(widths) < 1:
+            raise ImedsamError(f"upscale_channels={widths}: give one positive width per 2x up-scaling stage")
+        self.upscale_factor = 2 ** len(widths)
+        self.mask_channels = widths[-1]
+        layers: list[nn.Module] = []
+        for i, (cin, cout) in enumerate(zip((transformer_dim,) + widths[:-1], widths)):
+            layers.append(nn.ConvTranspose2d(cin, cout, kernel_size=2, stride=2))
+            if i < len(widths) - 1:
+                layers.append(LayerNorm2d(cout))
+            layers.append(activation())
+        self.output_upscaling = nn.Sequential(*layers)
         self.output_hypernetworks_mlps = nn.ModuleList(
-            MLP(transformer_dim, transformer_dim, transformer_dim // 8, 3) for _ in range(self.num_mask_tokens)
+            MLP(transformer_dim, transformer_dim, self.mask_channels, 3) for _ in range(self.num_mask_tokens)
         )
         self.iou_prediction_head = MLP(transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth)
 
@@ -172,7 +183,8 @@ class MaskDecoder(nn.Module):
         return tokens_out, image_tokens_out
 
     def upscale(self, image_tokens_out: Tensor) -> Tensor:
-        """Up-scale the transformer's image tokens: ``(B, C, h, w) -> (B, C/8, 4h, 4w)`` (``output_upscaling``)."""
+        """Up-scale the transformer's image tokens: ``(B, C, h, w) -> (B, C', f h, f w)`` (``output_upscaling``;
+        SAM: ``C' = C/8``, ``f = 4``)."""
         return self.output_upscaling(image_tokens_out)
 
     # ------------------------------------------------------------------ SAM heads

@@ -87,7 +87,7 @@ def run_training(cfg: TrainConfig, data: str | Path, out: str | Path, *, resume:
     from imedsam.train.objectives import get_objective
 
     spec = get_system(cfg.model.system)
-    objective_cls = get_objective(spec.objective)
+    objective_cls = get_objective(spec.objective, spec.name)
     index = discover(data)
     if not index.has_splits:
         raise ImedsamError(f"--data: {data} has no splits (splits.json, nnU-Net imagesTr/imagesTs or SAM-Med2D's "

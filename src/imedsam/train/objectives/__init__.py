@@ -25,10 +25,11 @@ OBJECTIVES: dict[str, type[Objective]] = {
 __all__ = ["OBJECTIVES", "Objective", "get_objective", "objective_config"]
 
 
-def get_objective(name: str) -> type[Objective]:
+def get_objective(name: str, system: str = "") -> type[Objective]:
     if name not in OBJECTIVES:
-        raise ImedsamError(f"this system has no training objective ({name or 'none'}): it is used zero-shot; "
-                           f"train one of the adapted systems (model.system)")
+        trainable = ", ".join(sorted(OBJECTIVES))
+        raise ImedsamError(f"model.system {system!r} has no training objective here (a zero-shot backbone, or a "
+                           f"system whose objective is not built yet); the objectives are {trainable}")
     return OBJECTIVES[name]
 
 

@@ -1,0 +1,266 @@
+"""MA-SAM assembled: a SAM-family backbone + FacT on q/v + two 3-D adapters per block + a multi-class,
+prompt-free mask decoder with progressive up-sampling (systems.md §C).
+
+Data flow (B stacks of D adjacent slices, slice index inner; systems.md §C.10)::
+
+    stacks (B, D, 3, S, S) -> (B*D, 3, S, S) --encoder + FacT(q, v) + 3-D adapters (mix the D slices)--> (B*D, C, h, w)
+    no prompt (sparse: none, dense: no_mask_embed) or one box per slice --mask decoder, num_classes + 1 mask
+    tokens, transformer trained--> up-scaling to the input resolution --> logits (B*D, num_classes + 1, S, S)
+    softmax over classes: one pass gives every class
+
+Where the adapters sit: FacT at the ``qkv`` insertion point of every attention block, one shared ``(U, V)`` pair
+per token width (the ViT has one width; LiteMedSAM's TinyViT three: 128, 160, 320) and a per-block core per
+projection; the 3-D adapters in the ``pre_attn`` and ``post_attn`` slots of every attention block. On TinyViT the
+slice mixing therefore happens in the 10 attention blocks of stages 1-3 (grids 128², 64², 64² at 256 px); the
+MBConv stage 0 and the patch-merging layers see the slices independently, as the ViT's patch embedding does.
+
+Up-sampling: ``log2(S / grid)`` transposed-convolution stages with widths ``C/4, C/8, C/16, C/32`` (MA-SAM's
+``64, 32, 16, 8`` at 512 px on a ViT: 16x). LiteMedSAM's 64² grid at 256 px needs two stages, exactly SAM's own
+head, whose pretrained weights are kept; wider heads start fresh. The mask tokens, hypernetworks and IoU head
+always start fresh (their count changes), the two-way transformer and the IoU token come from the checkpoint.
+
+``mode: reference`` is MA-SAM's code: 3-D adapters of width 384 with ``up`` not zero-initialised. On ViT-B at
+512², rank 32 and 12 classes that is exactly 30,142,361 trainable parameters, on ViT-H 96,811,929 (``imedsam info
+--model ma_sam --backbone sam_vit_h --mode reference --num-classes 12``). ``paper`` (default) uses width 64 and
+zero-initialised ``up`` (the adapted encoder starts as the pretrained one).
+
+Released MA-SAM checkpoints hold only the tuned tensors (``q_FacTs_NNN``, ``image_encoder.FacTu``,
+``image_encoder.ImageEncoderViT.blocks.N.Block.adapter_*``, the prompt encoder and the mask decoder): the frozen
+weights come from the official SAM checkpoint (``model.checkpoint``); :func:`load_official` maps every key.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Mapping
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import Field, field_validator
+
+from imedsam.errors import ImedsamError
+from imedsam.models.base import DecodeResult, Prompts, SegmentationSystem, trainable_breakdown
+from imedsam.models.config import Strict, SystemConfig
+from imedsam.models.spec import SystemSpec
+from imedsam.peft.adapter3d import SLOT_KEY, attach_adapter3d
+from imedsam.peft.backbone import attention_blocks, block_width, freeze_backbone
+from imedsam.peft.fact import FacTFactors, attach_fact
+from imedsam.sam.build import build_sam, get_spec
+from imedsam.sam.mask_decoder import MaskDecoder
+from imedsam.sam.model import SamModel
+from imedsam.sam.prepare import PreparedImage, restore_logits
+
+log = logging.getLogger(__name__)
+
+
+class MASAMPeftConfig(Strict):
+    """FacT and the 3-D adapters; ``null`` fields follow the mode (paper / reference)."""
+
+    fact_rank: int = Field(32, ge=1, description="FacT rank r (MA-SAM: 32)")
+    fact_scale: float = Field(1.0, description="FacT scale s")
+    fact_dropout: float = Field(0.1, ge=0, lt=1, description="dropout on the FacT core's output")
+    adapter_dim: int | None = Field(None, ge=1, description="3-D adapter width; null: paper 64, reference 384")
+    kernel: tuple[int, int, int] = Field((3, 1, 1), description="3-D adapter kernel (slices, rows, columns)")
+    zero_init_up: bool | None = Field(None, description="3-D adapters start at 0; null: paper true, reference false")
+    positions: tuple[Literal["pre_attn", "post_attn"], ...] = Field(("pre_attn", "post_attn"), min_length=1,
+                                                                    description="3-D adapters before and/or after "
+                                                                                "attention")
+
+    @field_validator("kernel")
+    @classmethod
+    def _odd(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(k < 1 or k % 2 == 0 for k in v):
+            raise ValueError(f"{list(v)}: odd sizes, e.g. [3, 1, 1]")
+        return v
+
+
+class MASAMDecoderConfig(Strict):
+    num_classes: int = Field(1, ge=1, description="foreground classes (the decoder has num_classes + 1 masks)")
+    prompt: Literal["none", "box"] = Field("none", description="automatic (none) or one box per slice")
+
+
+class MASAMConfig(SystemConfig):
+    """MA-SAM: ``peft`` (FacT + 3-D adapters), ``decoder`` (classes, prompt) and the stack depth D."""
+
+    system: Literal["ma_sam"] = "ma_sam"
+    stack_depth: int = Field(5, ge=1, description="adjacent slices per stack (MA-SAM: 5); odd")
+    peft: MASAMPeftConfig = MASAMPeftConfig()
+    decoder: MASAMDecoderConfig = MASAMDecoderConfig()
+
+    @field_validator("stack_depth")
+    @classmethod
+    def _odd_depth(cls, v: int) -> int:
+        if v % 2 == 0:
+            raise ValueError(f"{v}: an odd number of slices, centred on the predicted slice")
+        return v
+
+
+def upscale_channels(dim: int, img_size: int, grid: int) -> tuple[int, ...]:
+    """Widths of the head that takes the ``grid`` embedding to the ``img_size`` input: C/4, C/8, ... per 2x."""
+    ratio = img_size // grid
+    stages = int(round(math.log2(ratio)))
+    if ratio < 2 or 2 ** stages != ratio:
+        raise ImedsamError(f"ma_sam: input {img_size} is not a power-of-two multiple of the {grid}² embedding")
+    return tuple(max(dim // 2 ** (k + 2), 1) for k in range(stages))
+
+
+class MASAM(SegmentationSystem):
+    """MA-SAM on any SAM-family backbone (module docstring)."""
+
+    name: ClassVar[str] = "ma_sam"
+    prompt_types: ClassVar[frozenset[str]] = frozenset()
+    prompt_free: ClassVar[bool] = True
+    val_protocols: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, sam: SamModel, config: MASAMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.stack_depth = config.stack_depth
+        if config.decoder.prompt == "box":  # the box-prompted variant
+            self.prompt_types = frozenset({"box"})  # type: ignore[misc]
+            self.prompt_free = False  # type: ignore[misc]
+        p = config.peft
+        reference = config.mode == "reference"
+        encoder = sam.image_encoder
+        freeze_backbone(encoder)
+        blocks = attention_blocks(encoder)
+        self.fact = FacTFactors([block_width(b) for b in blocks], p.fact_rank).to(next(encoder.parameters()).device)
+        attach_fact(encoder, self.fact, scale=p.fact_scale, dropout=p.fact_dropout)
+        attach_adapter3d(encoder, hidden=p.adapter_dim or (384 if reference else 64), kernel=p.kernel,
+                         zero_init_up=(not reference) if p.zero_init_up is None else p.zero_init_up,
+                         positions=p.positions)
+        self.image_encoder = encoder
+        self.prompt_encoder = sam.prompt_encoder.requires_grad_(True)
+        old = sam.mask_decoder
+        dim = old.transformer_dim
+        grid = sam.prompt_encoder.image_embedding_size[0]
+        widths = upscale_channels(dim, sam.preprocess.img_size, grid)
+        self.mask_decoder = MaskDecoder(transformer_dim=dim, transformer=old.transformer,
+                                        num_multimask_outputs=config.decoder.num_classes,
+                                        iou_head_depth=len(old.iou_prediction_head.layers),
+                                        iou_head_hidden_dim=old.iou_prediction_head.layers[0].out_features,
+                                        upscale_channels=widths).to(next(old.parameters()).device)
+        with torch.no_grad():
+            self.mask_decoder.iou_token.weight.copy_(old.iou_token.weight)
+            if widths == (dim // 4, dim // 8):  # SAM's own head: keep its pretrained weights
+                self.mask_decoder.output_upscaling.load_state_dict(old.output_upscaling.state_dict())
+        self.mask_decoder.requires_grad_(True)
+        self.preprocess = sam.preprocess
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.decoder.num_classes
+
+    def encode(self, images: torch.Tensor, valid_hw: tuple[int, int] | None = None,
+               num_slices: int = 1) -> torch.Tensor:
+        """``(B*D, 3, S, S)`` stacks of ``num_slices`` adjacent slices (slice index inner) -> ``(B*D, C, h, w)``.
+        The default, 1, treats every image alone (its 3-D adapters then see one slice between zero padding)."""
+        return self.image_encoder(images, valid_hw=valid_hw, num_slices=num_slices)
+
+    def class_logits(self, embeddings: torch.Tensor, boxes: torch.Tensor | None = None) -> torch.Tensor:
+        """``(N, C, h, w)`` embeddings (and one box per image, or none) -> ``(N, num_classes + 1, S', S')`` logits
+        at the head's resolution (the input's), class 0 = background."""
+        n = embeddings.shape[0]
+        if boxes is not None:
+            sparse, dense = self.prompt_encoder(points=None, boxes=boxes.reshape(n, 4), masks=None)
+        else:
+            sparse, dense = self.prompt_encoder(points=None, boxes=None, masks=None)
+            sparse = sparse.expand(n, -1, -1)
+            dense = dense.expand(n, -1, -1, -1)
+        masks, _ = self.mask_decoder.predict_masks(embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense)
+        return masks
+
+    def decode(self, embeddings: torch.Tensor, prepared: PreparedImage, prompts: Prompts, *,
+               multimask: bool = False, size: tuple[int, int] | None = None,
+               uncertainty: bool = False, seed: int = 0) -> DecodeResult:
+        """One image (its stack's centre slice embedding): every class's logits on the requested grid
+        ``(1, num_classes + 1, H_o, W_o)``; scores = the mean softmax probability of each class where it wins."""
+        if uncertainty:
+            raise ImedsamError("--uncertainty: MA-SAM's decoder gives no uncertainty map; use --model imedsam")
+        logits = self.class_logits(embeddings, prompts.boxes)
+        out = restore_logits(logits, prepared, size)
+        prob = torch.softmax(out, dim=1)
+        win = prob.argmax(1, keepdim=True)
+        scores = torch.stack([prob[:, k][win[:, 0] == k].mean() if bool((win == k).any())
+                              else prob.new_zeros(()) for k in range(out.shape[1])])[None]
+        return DecodeResult(logits=out, scores=scores)
+
+    def param_groups(self) -> dict[str, list[torch.nn.Parameter]]:
+        """Mask decoder + prompt encoder at ``optim.lr_decoder``; FacT and the 3-D adapters at ``optim.lr_adapter``."""
+        groups: dict[str, list[torch.nn.Parameter]] = {"decoder": [], "adapters": []}
+        for name, param in self.named_parameters():
+            if param.requires_grad:
+                decoder = name.startswith(("mask_decoder.", "prompt_encoder."))
+                groups["decoder" if decoder else "adapters"].append(param)
+        return groups
+
+
+# ----------------------------------------------------------------------------------------- official checkpoints
+
+_FACT_CORE = re.compile(r"^(q|v)_FacTs_(\d+)$")
+_ADAPTER = re.compile(r"^image_encoder\.ImageEncoderViT\.blocks\.(\d+)\.Block\.adapter_(linear_down|linear_up|conv|norm)"
+                      r"(_2)?\.(weight|bias)$")
+_ADAPTER_PART = {"linear_down": "down", "linear_up": "up", "conv": "conv", "norm": "norm"}
+
+
+def map_official_keys(state: Mapping[str, torch.Tensor], system: MASAM) -> dict[str, torch.Tensor]:
+    """MA-SAM's saved keys -> ours (module docstring); raises naming the first key it cannot place."""
+    out = {}
+    for key, value in state.items():
+        if m := _FACT_CORE.match(key):
+            out[f"image_encoder.blocks.{int(m.group(2))}.attn.qkv.cores.{m.group(1)}.weight"] = value
+        elif key in ("image_encoder.FacTu.weight", "image_encoder.FacTv.weight"):
+            d = value.shape[1] if key.endswith("FacTu.weight") else value.shape[0]
+            out[f"fact.factors.{d}.{'u' if 'FacTu' in key else 'v'}.weight"] = value
+        elif m := _ADAPTER.match(key):
+            slot = "post_attn" if m.group(3) else "pre_attn"
+            out[f"image_encoder.blocks.{m.group(1)}.{slot}.{SLOT_KEY}.{_ADAPTER_PART[m.group(2)]}.{m.group(4)}"] = value
+        elif key.startswith(("prompt_encoder.", "mask_decoder.")):
+            out[key] = value
+        else:
+            raise ImedsamError(f"MA-SAM checkpoint key {key!r} has no place in ma_sam; is it an MA-SAM file?")
+    return out
+
+
+def load_official(system: MASAM, path) -> None:
+    """Load the tuned tensors of a released MA-SAM checkpoint strictly: every tensor of the file is placed, and
+    every trainable tensor of ``system`` is set (the frozen ones came from the SAM checkpoint)."""
+    from imedsam.sam.checkpoint import read_state_dict
+
+    state = map_official_keys(read_state_dict(path), system)
+    own = system.state_dict()
+    trainable = {n for n, p in system.named_parameters() if p.requires_grad}
+    unknown = sorted(set(state) - set(own))
+    missing = sorted(trainable - set(state))
+    shapes = [k for k in set(state) & set(own) if tuple(own[k].shape) != tuple(state[k].shape)]
+    if unknown or missing or shapes:
+        raise ImedsamError(f"--adapter: {path} does not match this ma_sam ({len(missing)} missing, e.g. {missing[:3]};"
+                           f" {len(unknown)} unexpected, e.g. {unknown[:3]}; {len(shapes)} of another shape, e.g. "
+                           f"{shapes[:3]}); build it with the checkpoint's backbone, rank and number of classes")
+    system.load_state_dict(state, strict=False)
+    log.info("loaded the MA-SAM checkpoint %s (%d tensors)", path, len(state))
+
+
+def build_masam(config: MASAMConfig, *, pretrained: bool = True) -> MASAM:
+    """MA-SAM on its backbone (SAM base weights loaded; FacT, adapters and the new decoder parts fresh)."""
+    if config.img_size is None and get_spec(config.backbone).encoder == "vit":
+        config = config.model_copy(update={"img_size": SPEC.vit_size})
+    sam = build_sam(config.backbone, checkpoint=config.checkpoint, img_size=config.img_size, pretrained=pretrained)
+    return MASAM(sam, config)
+
+
+def breakdown(system: MASAM) -> dict[str, int]:
+    return trainable_breakdown(system, {
+        "FacT (U, V, cores)": lambda n: n.startswith("fact.") or ".attn.qkv.cores." in n,
+        "3-D adapters": lambda n: f".{SLOT_KEY}." in n,
+        "prompt encoder": lambda n: n.startswith("prompt_encoder."),
+        "mask decoder": lambda n: n.startswith("mask_decoder."),
+    })
+
+
+SPEC = SystemSpec(name="ma_sam", cls=MASAM,
+                  description="MA-SAM: FacT(q,v) + 3-D adapters over adjacent slices + multi-class prompt-free decoder",
+                  config=MASAMConfig, build=build_masam, breakdown=breakdown, objective="", vit_size=512,
+                  options={"num_classes": "decoder.num_classes"})

@@ -61,15 +61,15 @@ def train_run(config: str, overrides: list[str], data: Path, out: Path) -> dict:
     from imedsam.train.config import load_config
 
     cfg = load_config(ROOT / config, overrides)
-    state = out / ckpt.STATE_FILE
-    if state.exists():
+    latest = ckpt.latest_checkpoint(out)
+    if latest is not None:
         import torch
 
-        done = int(torch.load(state, map_location="cpu", weights_only=True)["epoch"]) + 1
-        if done >= cfg.optim.epochs:
+        state = torch.load(latest / ckpt.STATE_FILE, map_location="cpu", weights_only=True)
+        if int(state["epoch"]) + 1 >= cfg.optim.epochs or (cfg.optim.max_steps or 1 << 30) <= int(state["step"]):
             return {"run": str(out), "reused": True}
     start = time.perf_counter()
-    result = run_training(cfg, data, out, resume=state.exists())
+    result = run_training(cfg, data, out, resume=ckpt.has_run(out))
     return {"run": str(out), "train_minutes": round((time.perf_counter() - start) / 60, 1),
             "best_val_dice": result.best_score, "epochs": result.epochs_done,
             "steps": result.history[-1]["step"] if result.history else None}

@@ -100,6 +100,41 @@ def test_user_errors_are_one_line_exit_2_and_write_nothing(tmp_path, image_file,
     assert not out.exists()
 
 
+def test_more_bad_inputs_are_one_line_errors_before_any_work(tmp_path, image_file, capsys):
+    """Non-finite pixels, a grid that cannot fit, outputs that cannot be written, a run folder that is a file."""
+    nan_tif = tmp_path / "nan.tif"
+    Image.fromarray(np.full((20, 20), np.nan, np.float32)).save(nan_tif)
+    inf_tif = tmp_path / "inf.tif"
+    Image.fromarray(np.full((20, 20), np.inf, np.float32)).save(inf_tif)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    box = ["--box", "1", "1", "9", "9"]
+    cases = [
+        (["segment", str(nan_tif), *box, "--out", str(tmp_path / "m.png")], "not finite"),
+        (["segment", str(inf_tif), *box, "--out", str(tmp_path / "m.png")], "not finite"),
+        (["segment", str(image_file), *box, "--size", "100000", "100000", "--out", str(tmp_path / "m.png")],
+         "fits here"),
+        (["segment", str(image_file), *box, "--out", str(a_file / "m.png")], "is a file"),
+        (["segment", str(image_file), *box, "--out", str(tmp_path / "m.png"), "--uncertainty",
+          str(tmp_path / "u.jpg"), "--model", "imedsam", "--backbone", "tiny_vit_test"], ".png"),
+        (["train", "--data", str(tmp_path), "--out", str(a_file)], "is a file"),
+        (["evaluate", "--model", "tiny_vit_test", "--data", str(tmp_path), "--out", str(tmp_path / "r"),
+          "--limit", "0"], "--limit"),
+        (["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "optim.epochs=0"], "optim.epochs"),
+        (["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "data.box_expand=[5, 0]"],
+         "data.box_expand"),
+        (["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "optim.max_steps=-1"],
+         "optim.max_steps"),
+        (["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "model.peft.lora_rnk=2"],
+         "model.peft.lora_rnk: unknown key (source command-line override)"),
+    ]
+    for argv, message in cases:
+        code, _, err = _run(capsys, argv)
+        assert code == 2 and err.startswith("imedsam: error:") and len(err.strip().splitlines()) == 1, (argv, err)
+        assert message in err, (argv, err)
+    assert not (tmp_path / "m.png").exists() and not (tmp_path / "run").exists() and not (tmp_path / "r").exists()
+
+
 def test_unsupported_format_is_a_user_error(tmp_path, capsys):
     path = tmp_path / "x.xyz"
     path.write_text("hello")

@@ -165,6 +165,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
         if not (x1 > x0 and y1 > y0):
             raise ImedsamError(f"--box: degenerate box {args.box}: need X0 < X1 and Y0 < Y1 (X1, Y1 one past the "
                                "last pixel)")
+    if args.size:
+        from imedsam.runtime import check_output_grid
+
+        check_output_grid(tuple(args.size), 3 if args.multimask else 1)
     _check_outputs({"image": args.image, "--mask-input": args.mask_input},
                    {"--out": args.out, "--overlay": args.overlay, "--uncertainty": args.uncertainty})
     if args.uncertainty and not args.uncertainty.lower().endswith(".png"):
@@ -182,6 +186,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if args.uncertainty and not cls.has_uncertainty:
         raise ImedsamError(f"--uncertainty: model {model!r} gives no uncertainty map; use --model imedsam")
     sample = io.read(args.image)
+    from imedsam.io.sample import require_finite
+
+    require_finite(sample.array, args.image)
     if sample.is_volume:
         raise ImedsamError(f"{args.image}: is a volume; `segment` takes a 2D image (slice it first)")
     mask_input = _read_mask_input(args.mask_input) if args.mask_input else None

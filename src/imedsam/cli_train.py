@@ -40,8 +40,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="adapt a model on a dataset folder (images/+masks/ or nnU-Net raw)")
     p.add_argument("--config", default=None, help="YAML config (see configs/); default: built-in defaults")
     p.add_argument("--data", required=True, help="dataset folder with splits (splits.json or nnU-Net layout)")
-    p.add_argument("--out", required=True, help="run folder (adapter.safetensors, config.yaml, train_state.pt)")
-    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    p.add_argument("--out", required=True, help="run folder (config.yaml, checkpoints/, adapter.safetensors, best.safetensors)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest complete checkpoint (same config and data)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: continue with a changed config or data (not exact; both configs are kept)")
     p.add_argument("--device", default=None, help="override run.device (auto | cpu | cuda | mps)")
     p.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE, e.g. optim.epochs=5")
 
@@ -92,6 +95,10 @@ def _sizes(args) -> tuple[list, dict | None]:
             raise ImedsamError(f"--sweep: expected comma-separated integers, got {args.sweep!r}") from None
         if min(grid) < 1:
             raise ImedsamError("--sweep: sizes must be positive")
+        from imedsam.runtime import check_output_grid
+
+        for g in grid:
+            check_output_grid((g, g), argument="--sweep")
         return [(g, g) for g in grid], {}
     if args.size in ("native", ["native"]):
         return [None], None
@@ -99,6 +106,11 @@ def _sizes(args) -> tuple[list, dict | None]:
         h, w = (int(v) for v in args.size)
     except ValueError:
         raise ImedsamError(f"--size: expected 'native' or H W, got {' '.join(args.size)}") from None
+    if min(h, w) < 1:
+        raise ImedsamError(f"--size: the output grid must be at least 1x1, got {h}x{w}")
+    from imedsam.runtime import check_output_grid
+
+    check_output_grid((h, w))
     return [(h, w)], None
 
 
@@ -131,7 +143,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.device:
         overrides.append(f"run.device={args.device}")
     cfg = load_config(args.config, overrides)
-    result = run_training(cfg, args.data, args.out, resume=args.resume)
+    if args.allow_config_change and not args.resume:
+        raise ImedsamError("--allow-config-change goes with --resume")
+    result = run_training(cfg, args.data, args.out, resume=args.resume,
+                          allow_config_change=args.allow_config_change)
     print(json.dumps({"run": str(Path(result.run_dir).resolve()), "epochs": result.epochs_done,
                       "best_val_dice": result.best_score, "seconds": round(result.seconds, 1)}))
     return 0

@@ -75,7 +75,7 @@ def run_finetune_demo(out: Path, data: Path | None = None, device: str = "auto",
     size = 128 if synthetic else 256
     cfg = load_config(None, DEMO_OVERRIDES + [f"data.image_size={size}", f"run.device={device}", *overrides])
     run_dir = out / "imedsam_run"
-    result = run_training(cfg, data, run_dir, resume=(run_dir / ckpt.STATE_FILE).exists())
+    result = run_training(cfg, data, run_dir, resume=ckpt.has_run(run_dir))
     summary = run_evaluation(run=str(run_dir), model=None, checkpoint=None, data=data, split="test",
                              sizes=DEMO_SWEEP, sweep=True, out=out / "report", device=device)
     return {"data": str(Path(data).resolve()), "synthetic": synthetic, "run": str(run_dir.resolve()),

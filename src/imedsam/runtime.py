@@ -122,3 +122,32 @@ def onednn_op_available(name: str) -> bool:
 def enable_fast_allocation() -> None:
     """Ask PyTorch for transparent huge pages; effective only before torch is first imported."""
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux ``MemAvailable``), or None when unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+#: bytes per output pixel and mask that a prediction holds at once (float32 logits on the device and on the host,
+#: their resize, the bool mask), a conservative bound used to refuse grids that cannot fit before any work
+BYTES_PER_OUTPUT_PIXEL = 16
+
+
+def check_output_grid(size: tuple[int, int], masks: int = 1, argument: str = "--size") -> None:
+    """Refuse an output grid whose prediction alone would not fit in the available memory, saying what fits."""
+    need = int(size[0]) * int(size[1]) * max(int(masks), 1) * BYTES_PER_OUTPUT_PIXEL
+    free = available_memory()
+    if free is None or need <= 0.8 * free:
+        return
+    side = int((0.8 * free / (max(int(masks), 1) * BYTES_PER_OUTPUT_PIXEL)) ** 0.5)
+    raise ImedsamError(f"{argument}: a {size[0]}x{size[1]} output needs about {need / 1e9:.1f} GB for the "
+                       f"prediction alone and {free / 1e9:.1f} GB are available; at most about {side}x{side} fits "
+                       "here (the implicit decoder is chunked, but its output is not)")

@@ -100,7 +100,7 @@ def test_the_loss_decreases_on_a_fixed_batch():
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         first = first if first is not None else np.mean(losses)
     assert np.mean(losses) < 0.7 * first
 

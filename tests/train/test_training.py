@@ -74,8 +74,10 @@ def test_training_decreases_loss_and_writes_a_run(disc_dataset, tmp_path):
     result = run_training(cfg, disc_dataset, tmp_path / "run")
     losses = [h["train_loss"] for h in result.history]
     assert losses[-1] < 0.85 * losses[0], losses
-    for name in ("adapter.safetensors", "best.safetensors", "config.yaml", "train_state.pt"):
+    for name in ("adapter.safetensors", "best.safetensors", "config.yaml", "run.json",
+                 "checkpoints/epoch-0005/train_state.pt", "checkpoints/epoch-0005/adapter.safetensors"):
         assert (tmp_path / "run" / name).exists()
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["epoch-0005"]  # older ones removed
     assert "val" in result.history[2] and 0.0 <= result.history[2]["val"]["dice"] <= 1.0
     # the saved adapter holds only trainable tensors and rebuilds the same model
     from imedsam.models.registry import build_system
@@ -96,7 +98,7 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(disc_dataset
     cfg = _config(**{"optim.epochs": 3, "run.val_every": 10})
     full = run_training(cfg, disc_dataset, tmp_path / "full")
     _interrupted_run(cfg, disc_dataset, tmp_path / "part", monkeypatch, step=12)  # step 12 of 15: epoch 3
-    state = torch.load(tmp_path / "part" / "train_state.pt", weights_only=True)
+    state = torch.load(tmp_path / "part" / "checkpoints" / "epoch-0001" / "train_state.pt", weights_only=True)
     assert int(state["epoch"]) == 1  # epochs 1 and 2 (0-based 0, 1) were saved before the crash
     resumed = run_training(cfg, disc_dataset, tmp_path / "part", resume=True)
     assert resumed.history[-1]["step"] == full.history[-1]["step"] == 15
@@ -112,7 +114,7 @@ def test_ema_run_keeps_the_average_as_best_and_resumes_exactly(disc_dataset, tmp
     torch.set_num_threads(1)
     cfg = _config(**{"optim.epochs": 2, "run.val_every": 10, "optim.ema_decay": 0.9})  # validated at the end only
     full = run_training(cfg, disc_dataset, tmp_path / "full")
-    state = torch.load(tmp_path / "full" / "train_state.pt", weights_only=True)
+    state = torch.load(tmp_path / "full" / "checkpoints" / "epoch-0001" / "train_state.pt", weights_only=True)
     assert state["ema"]["steps"] == full.history[-1]["step"] == 10
     best, raw = load_file(str(tmp_path / "full" / "best.safetensors")), _weights(tmp_path / "full")
     shadow = state["ema"]["shadow"]

@@ -86,6 +86,9 @@ def read_case(case: CaseRef, *, window=None, with_spacing: bool = False):
         raise ImedsamError(f"{case.image_path}: case '{case.case_id}' has no mask; training and evaluation "
                            f"need one (add it, or discover with require_masks=True)")
     img = _read(Path(case.image_path))
+    from imedsam.io.sample import require_finite
+
+    require_finite(img.array, str(case.image_path))
     if case.object_masks:
         labels = _object_label_map(case, tuple(img.geometry.shape))
         image = to_display_rgb(img, window=window)

@@ -140,6 +140,9 @@ class Segmenter:
             size = (int(size[0]), int(size[1]))
             if min(size) < 1:
                 raise ImedsamError(f"--size: output grid must be at least 1x1, got {size[0]}x{size[1]}")
+            from imedsam.runtime import check_output_grid
+
+            check_output_grid(size, 3 if multimask else 1)
         if mask_input is not None and len(self._encoded) > 1:
             raise ImedsamError("mask_input: not supported with flip test-time augmentation (tta); "
                                "prompt with a box and/or points, or build the Segmenter without tta")

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from imedsam.errors import ImedsamError
+
 
 @dataclass(frozen=True)
 class Geometry:
@@ -94,3 +96,14 @@ class Sample:
         if tuple(spatial) != tuple(self.geometry.shape):
             raise ValueError(f"array shape {array.shape} does not match geometry {self.geometry.shape}")
         return replace(self, array=array)
+
+
+def require_finite(array, source: str) -> None:
+    """Refuse an image or volume with NaN or infinite values, naming ``source`` (a file or argument): models,
+    windows and metrics have no meaning for them, and a silent result would look like a real one."""
+    a = np.asarray(array)
+    if np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.complexfloating):
+        bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+        if bad:
+            raise ImedsamError(f"{source}: {bad} of {a.size} values are not finite (NaN or +-Inf); replace them "
+                               f"(e.g. numpy.nan_to_num) or crop them away first")

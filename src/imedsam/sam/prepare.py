@@ -65,6 +65,8 @@ def as_rgb_float(image: np.ndarray) -> np.ndarray:
         raise ImedsamError(f"image: expected a 2D gray (H, W) or RGB (H, W, 3) array, got shape {array.shape}")
     if array.shape[0] < 1 or array.shape[1] < 1:
         raise ImedsamError(f"image: empty image of shape {array.shape}")
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        raise ImedsamError("image: it has NaN or infinite values; replace them (e.g. numpy.nan_to_num) first")
     return array.astype(np.float32, copy=False)
 
 

@@ -78,14 +78,19 @@ def make_validator(val_cases, protocols, *, size, device, amp, seed):
     return validate
 
 
-def run_training(cfg: TrainConfig, data: str | Path, out: str | Path, *, resume: bool = False) -> TrainResult:
-    """Train ``cfg.model`` on ``data`` (train split), select on the val split, write the run to ``out``."""
+def run_training(cfg: TrainConfig, data: str | Path, out: str | Path, *, resume: bool = False,
+                 allow_config_change: bool = False) -> TrainResult:
+    """Train ``cfg.model`` on ``data`` (train split), select on the val split, write the run to ``out``
+    (``resume``: continue it from its newest checkpoint; the config and data must be the run's unless
+    ``allow_config_change``)."""
     from imedsam.data import SegmentationDataset, discover
     from imedsam.data.cases import dataset_cases
     from imedsam.models.registry import build_system, get_system
     from imedsam.runtime import autocast_dtype, resolve_device
+    from imedsam.train.loop import precheck_run
     from imedsam.train.objectives import get_objective
 
+    precheck_run(out, resume)
     spec = get_system(cfg.model.system)
     objective_cls = get_objective(spec.objective, spec.name)
     index = discover(data)
@@ -110,4 +115,5 @@ def run_training(cfg: TrainConfig, data: str | Path, out: str | Path, *, resume:
     size_val = tuple(cfg.run.val_size) if cfg.run.val_size else None
     validate = make_validator(val_cases, system.val_protocols, size=size_val, device=device, amp=amp,
                               seed=cfg.run.seed) if val_cases else None
-    return train(system, objective_cls, train_set, validate, cfg, Path(out), resume=resume)
+    return train(system, objective_cls, train_set, validate, cfg, Path(out), resume=resume, data=data,
+                 allow_config_change=allow_config_change)

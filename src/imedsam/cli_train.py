@@ -40,7 +40,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="adapt a model on a dataset folder (images/+masks/ or nnU-Net raw)")
     p.add_argument("--config", default=None, help="YAML config (see configs/); default: built-in defaults")
     p.add_argument("--data", required=True, help="dataset folder with splits (splits.json or nnU-Net layout)")
-    p.add_argument("--out", required=True, help="run folder (config.yaml, checkpoints/, adapter.safetensors, best.safetensors)")
+    p.add_argument("--out", required=True,
+                   help="run folder (config.yaml, checkpoints/, adapter.safetensors, best.safetensors)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its newest complete checkpoint (same config and data)")
     p.add_argument("--allow-config-change", action="store_true",

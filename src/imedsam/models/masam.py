@@ -200,8 +200,8 @@ class MASAM(SegmentationSystem):
 # ----------------------------------------------------------------------------------------- official checkpoints
 
 _FACT_CORE = re.compile(r"^(q|v)_FacTs_(\d+)$")
-_ADAPTER = re.compile(r"^image_encoder\.ImageEncoderViT\.blocks\.(\d+)\.Block\.adapter_(linear_down|linear_up|conv|norm)"
-                      r"(_2)?\.(weight|bias)$")
+_ADAPTER = re.compile(r"^image_encoder\.ImageEncoderViT\.blocks\.(\d+)\.Block\."
+                      r"adapter_(linear_down|linear_up|conv|norm)(_2)?\.(weight|bias)$")
 _ADAPTER_PART = {"linear_down": "down", "linear_up": "up", "conv": "conv", "norm": "norm"}
 
 

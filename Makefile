@@ -25,7 +25,8 @@ $(REF)/segment-anything/segment_anything/modeling/image_encoder.py:
 	@mkdir -p $(REF)
 	@$(BIN)/pip download -q --no-deps segment-anything==1.0 -d $(REF) \
 	 && $(BIN)/python -m zipfile -e $(REF)/segment_anything-1.0-py3-none-any.whl $(REF)/segment-anything \
-	 || echo "segment-anything reference unavailable: the parity tests that need it will skip"
+	 || { if [ -n "$$CI" ]; then echo "segment-anything reference unavailable: CI needs it for the parity tests" >&2; \
+	      exit 1; else echo "segment-anything reference unavailable: the parity tests that need it will skip"; fi; }
 
 reference: install $(REF)/segment-anything/segment_anything/modeling/image_encoder.py
 

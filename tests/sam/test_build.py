@@ -16,7 +16,6 @@ from imedsam.errors import ImedsamError
 from imedsam.sam.build import MODEL_SPECS, build_sam, describe_models, list_models
 from imedsam.sam.model import Preprocess, SamModel
 
-KVASIR = Path("/work/shared/data/kvasir-sessile/images")
 
 
 def test_registry_lists_names_with_descriptions() -> None:
@@ -133,13 +132,12 @@ def litemedsam() -> SamModel:
 
 
 def _kvasir_input(preprocess: Preprocess) -> tuple[torch.Tensor, torch.Tensor]:
-    """First Kvasir image prepared as LiteMedSAM expects, and a box around its centre (input coords)."""
-    from PIL import Image
+    """The real CT slice that pydicom ships (128x128, always installed) prepared as LiteMedSAM expects (resized
+    to 256), and a box around the vertebral body (input coords)."""
+    from imedsam import io
+    from imedsam.io.samples import embedded_ct_slice
 
-    files = sorted(KVASIR.glob("*.jpg")) if KVASIR.is_dir() else []
-    if not files:
-        pytest.skip(f"no Kvasir image in {KVASIR}")
-    rgb = np.asarray(Image.open(files[0]).convert("RGB"), dtype=np.float32)
+    rgb = io.to_display_rgb(io.read(embedded_ct_slice()), window="soft_tissue").astype(np.float32)
     height, width = rgb.shape[:2]
     s = preprocess.img_size
     scale = s / max(height, width)
@@ -147,7 +145,7 @@ def _kvasir_input(preprocess: Preprocess) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.from_numpy(rgb).permute(2, 0, 1)[None]
     x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
     x = F.pad(preprocess.normalize_tensor(x), (0, s - new_w, 0, s - new_h))
-    box = torch.tensor([[0.25 * new_w, 0.25 * new_h, 0.75 * new_w, 0.75 * new_h]])
+    box = torch.tensor([[40.0, 3.0, 81.0, 47.0]]) * scale
     return x, box
 
 
@@ -188,11 +186,12 @@ def test_litemedsam_matches_official_pipeline(litemedsam: SamModel) -> None:
     with torch.no_grad(), single_thread():
         embedding = image_encoder(x)
         sparse, dense = prompt_encoder(points=None, boxes=box[:, None, :], masks=None)
-        want, _ = mask_decoder(image_embeddings=embedding, image_pe=prompt_encoder.get_dense_pe(),
-                               sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                               multimask_output=False)
+        want, want_iou = mask_decoder(image_embeddings=embedding, image_pe=prompt_encoder.get_dense_pe(),
+                                      sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                      multimask_output=False)
         got, iou = litemedsam.decode(litemedsam.encode(x), boxes=box)
     assert got.shape == want.shape == (1, 1, 256, 256)
-    assert iou.shape == (1, 1)
+    assert iou.shape == want_iou.shape == (1, 1)
+    assert (iou - want_iou).abs().max().item() <= 1e-4
     assert (got - want).abs().max().item() <= 1e-4
     assert (got > 0).any() and (got <= 0).any()  # a real, non-trivial mask

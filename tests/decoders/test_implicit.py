@@ -8,17 +8,10 @@ from torch import nn
 
 from imedsam.decoders.coords import grid_coords, sample_features
 from imedsam.decoders.grid_rows import GridFirstLayer
-from imedsam.decoders.implicit import (
-    ImplicitDecoder,
-    ImplicitDecoderConfig,
-    ImplicitOutput,
-    _FastGeometry,
-    _folded_layers,
-    _linear,
-    mc_variance,
-    sample_training_points,
-    select_topk,
-)
+from imedsam.decoders.implicit import ImplicitDecoder, ImplicitDecoderConfig, ImplicitOutput, sample_training_points
+from imedsam.decoders.implicit_fast import _FastGeometry, _folded_layers
+from imedsam.decoders.linear import linear as _linear
+from imedsam.decoders.ugs import mc_variance, select_topk
 from imedsam.errors import ImedsamError
 from pydantic import ValidationError
 

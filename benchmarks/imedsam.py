@@ -107,9 +107,8 @@ def run_case(name: str, threads: int, precision: str, run: Path | None = None) -
 
     from imedsam.sam.prepare import prepare_image, to_input_coords
     from imedsam.models.base import Prompts
-    from imedsam.models.config import ModelConfig
-    from imedsam.models.imedsam import build_imedsam
-    from imedsam.runtime import autocast, autocast_dtype, cpu_has_fast_bf16, prepare_for_inference
+    from imedsam.models.imedsam import IMedSAMConfig, build_imedsam
+    from imedsam.runtime import autocast, autocast_dtype, cpu_has_fast_bf16, cpu_precision, prepare_for_inference
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -118,11 +117,14 @@ def run_case(name: str, threads: int, precision: str, run: Path | None = None) -
     amp = autocast_dtype(cpu, precision)
     head = {"benchmark": "imedsam", "case": name, **case, "threads": threads, "precision": precision,
             "cpu_native_bf16": cpu_has_fast_bf16(), "cpu_amx_bf16": _cpu_flag("amx_bf16"), "mode": "paper"}
+    cal = cpu_precision()  # what --precision auto picks here, from the GEMM + conv calibration
+    head.update(auto_precision=cal.choice, calibration_fp32_gflops=cal.fp32_gflops,
+                calibration_bf16_gflops=cal.bf16_gflops)
     if case["kind"] == "trained_decode":
         result = trained_decode(case, run or ROOT / "runs" / "sessile", head, amp)
         result["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2)
         return result
-    system = build_imedsam(config=ModelConfig(backbone=case["backbone"], img_size=case["img"]), pretrained=False)
+    system = build_imedsam(IMedSAMConfig(backbone=case["backbone"], img_size=case["img"]), pretrained=False)
     result = {**head, "weights": "random"}
     if case["kind"] == "infer":
         prepare_for_inference(system, cpu, amp)  # as Segmenter and `imedsam evaluate` do

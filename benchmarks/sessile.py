@@ -88,7 +88,8 @@ def main() -> None:
 
     from imedsam.data import SegmentationDataset, discover
     from imedsam.models.registry import build_system
-    from imedsam.data.cases import dataset_cases, run_training
+    from imedsam.data.cases import dataset_cases
+    from imedsam.train.api import run_training
     from imedsam.train.config import load_config
 
     torch.set_num_threads(2)

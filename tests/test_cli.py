@@ -190,3 +190,27 @@ def test_info_shows_the_reference_counts_of_sammed2d(capsys):
     assert code == 2 and "zero-shot and has no mode" in err
     code, _, err = _run(capsys, ["info", "--model", "imedsam", "--mode", "bogus"])
     assert code == 2 and "--mode" in err and len(err.strip().splitlines()) == 1
+
+
+def test_prompts_are_checked_against_the_image_before_the_model_loads(tmp_path, image_file, capsys, monkeypatch):
+    """A point or box off the 48x40 image, or a mask prompt of another size, fails in one line before any model
+    is built or image encoded (the Segmenter constructor would raise if reached)."""
+    import imedsam.infer.segmenter as segmenter
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the prompts were checked")
+
+    monkeypatch.setattr(segmenter.Segmenter, "__init__", refuse)
+    small = tmp_path / "small.png"
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(small)
+    out = tmp_path / "m.png"
+    cases = [
+        (["--point", "60", "5", "1"], "lies outside the 48x40 (WxH) image"),
+        (["--point", "5", "-1", "0"], "lies outside the 48x40 (WxH) image"),
+        (["--box", "50", "41", "70", "60"], "lies outside the 48x40 (WxH) image"),
+        (["--mask-input", str(small)], "10x10 (HxW) but the image is 40x48"),
+    ]
+    for prompt, message in cases:
+        code, _, err = _run(capsys, ["segment", str(image_file), *prompt, "--out", str(out)])
+        assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, (prompt, err)
+    assert not out.exists()

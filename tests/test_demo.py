@@ -36,16 +36,23 @@ def test_lesion_is_painted_inside_its_mask_only():
         assert change[far].mean() < 8  # only the 4-level noise elsewhere
 
 
-def test_finetune_demo_trains_evaluates_and_reruns(tmp_path):
-    from imedsam.demo import run_finetune_demo
+def test_finetune_demo_trains_compares_and_reruns(tmp_path):
+    from imedsam.demo import DEMO_PROMPTS, run_finetune_demo
 
-    tiny = ["model.backbone=tiny_tinyvit_test", "optim.epochs=2", "objective.points_per_image=128",
-            "model.decoder.coarse_hidden=[32,16]", "model.decoder.fine_hidden=[16,16]",
-            "model.decoder.coarse_feature_dim=8", "data.image_size=64"]
+    tiny = ["model.backbone=tiny_tinyvit_test", "zero_shot_model=tiny_tinyvit_test", "optim.epochs=2",
+            "objective.iterations=1", "data.image_size=64", "run.val_every=1"]
     data = make_synthetic_lesions(tmp_path / "data", n=10, size=64, seed=0)
     summary = run_finetune_demo(tmp_path / "out", data, device="cpu", overrides=tiny)
-    assert set(summary["sweep"]) == {64, 128, 256}
-    assert (tmp_path / "out" / "report" / "report.html").exists()
-    assert 0.0 <= summary["dice"] <= 1.0
+    assert set(summary["compare"]) == set(DEMO_PROMPTS) == {"box", "points:1"}
+    for prompt, scores in summary["compare"].items():
+        assert set(scores) == {"zero_shot", "fine_tuned"} and all(0.0 <= v <= 1.0 for v in scores.values())
+    for name in ("fine_tuned_box", "zero_shot_box", "fine_tuned_points1", "zero_shot_points1"):
+        html = (tmp_path / "out" / "report" / name / "report.html").read_text()
+        assert "no overlay given" not in html and html.count("data:image/png;base64") >= 3, name
+    # both models were scored on the same random points
+    fine = json.loads((tmp_path / "out" / "report" / "fine_tuned_points1" / "prompts.json").read_text())
+    zero = json.loads((tmp_path / "out" / "report" / "zero_shot_points1" / "prompts.json").read_text())
+    assert fine == zero
     again = run_finetune_demo(tmp_path / "out", data, device="cpu", overrides=tiny)  # resumes: nothing to redo
     assert again["best_val_dice"] == summary["best_val_dice"]
+    assert again["compare"] == summary["compare"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -39,3 +40,45 @@ def test_segmenter_with_cast_weights_predicts_exactly_as_autocast_does() -> None
         seg.set_image(image)
         preds.append(seg.predict(box=(5, 6, 30, 25)).logits)
     np.testing.assert_array_equal(preds[0], preds[1])
+
+
+def test_auto_precision_is_decided_by_measurement_and_cached(tmp_path, monkeypatch) -> None:
+    """bf16 only when it measured clearly faster than fp32 here; the result is cached per CPU/threads/torch; CPUs
+    without native bf16 get fp32 without measuring."""
+    import imedsam.runtime as runtime
+
+    monkeypatch.setenv("IMEDSAM_CACHE", str(tmp_path))
+    monkeypatch.setattr(runtime, "_CALIBRATION", {})
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: True)
+    calls = []
+
+    def slow_bf16(dtype):  # avx512_bf16 without AMX: bf16 below fp32 (the issue's 167 vs 142 GFLOP/s)
+        calls.append(dtype)
+        return 167.0 if dtype == torch.float32 else 142.0
+
+    cal = runtime.cpu_precision(measure=slow_bf16)
+    assert cal.choice == "fp32" and cal.source == "measured" and len(calls) == 2
+    assert runtime.autocast_dtype(torch.device("cpu"), "auto") is None
+    assert runtime.autocast_dtype(torch.device("cpu"), "bf16") is torch.bfloat16  # explicit choices stay
+    monkeypatch.setattr(runtime, "_CALIBRATION", {})  # a new process: read from the cache, nothing measured
+    again = runtime.cpu_precision(measure=slow_bf16)
+    assert again.choice == "fp32" and again.source == "cache" and len(calls) == 2
+    amx = runtime.cpu_precision(measure=lambda d: 150.0 if d == torch.float32 else 900.0, refresh=True)
+    assert amx.choice == "bf16" and amx.bf16_gflops == 900.0
+    assert runtime.autocast_dtype(torch.device("cpu"), "auto") is torch.bfloat16
+    assert runtime.choose_precision(100.0, 110.0) == "fp32"  # within the margin: not worth bf16's rounding
+    monkeypatch.setattr(runtime, "_CALIBRATION", {})
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setenv("IMEDSAM_CACHE", str(tmp_path / "other"))
+    plain = runtime.cpu_precision(measure=lambda d: pytest.fail("measured on a CPU without native bf16"))
+    assert plain.choice == "fp32" and plain.source == "flags"
+
+
+def test_measure_throughput_is_positive_and_quick() -> None:
+    import time
+
+    from imedsam.runtime import measure_throughput
+
+    start = time.perf_counter()
+    assert measure_throughput(torch.float32, repeats=1) > 0
+    assert time.perf_counter() - start < 10  # a calibration, not a benchmark

@@ -15,6 +15,7 @@ import logging  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from imedsam.cli_common import build_segmenter, check_outputs, parse_window  # noqa: E402
 from imedsam.errors import ImedsamError  # noqa: E402
 
 log = logging.getLogger("imedsam")
@@ -28,6 +29,27 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default=None, help="backbone of an adapted model (e.g. litemedsam, sam_vit_b)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
     p.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | fp16 (default: auto)")
+    p.add_argument("--preprocess", default=None, choices=("imedsam", "official"),
+                   help="input pipeline: imedsam (default) or official (MedSAM-lite's script bit for bit; "
+                        "LiteMedSAM, needs opencv-python-headless)")
+
+
+def _add_auto_args(p: argparse.ArgumentParser) -> None:
+    from imedsam import cli_train
+
+    p.add_argument("--points-per-side", type=cli_train.int_at_least(1), default=16,
+                   help="--auto: point grid per side (default 16)")
+    p.add_argument("--pred-iou-thresh", type=float, default=0.88, help="--auto: minimum predicted IoU (0.88)")
+    p.add_argument("--stability-thresh", type=float, default=0.95, help="--auto: minimum stability score (0.95)")
+    p.add_argument("--min-area", type=cli_train.int_at_least(0), default=0,
+                   help="--auto: remove regions and holes under this many pixels (default 0)")
+
+
+def _auto_settings(args: argparse.Namespace):
+    from imedsam.infer.automatic import AutoSettings
+
+    return AutoSettings(points_per_side=args.points_per_side, pred_iou_thresh=args.pred_iou_thresh,
+                        stability_score_thresh=args.stability_thresh, min_region_area=args.min_area)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,25 +69,31 @@ def build_parser() -> argparse.ArgumentParser:
     from imedsam import cli_train
 
     p = sub.add_parser("segment", help="segment a 2D image (PNG/JPG/TIF/BMP/DICOM slice) from a box, points, a "
-                                       "previous mask, or automatically")
-    p.add_argument("image", help="input image file")
+                                       "previous mask, or automatically; or a volume (NIfTI, MHA/NRRD, DICOM "
+                                       "series folder) slice by slice from a 3D box or points")
+    p.add_argument("image", help="input image file, or a volume file or DICOM series folder")
     p.add_argument("--box", nargs=4, type=float, metavar=("X0", "Y0", "X1", "Y1"),
                    help="box in original pixel coordinates (X1, Y1 one past the last pixel, as COCO/SAM boxes)")
-    p.add_argument("--point", nargs=3, type=float, action="append", metavar=("X", "Y", "LABEL"),
-                   help="a point in pixel coordinates with label 1 (foreground) or 0 (background); repeatable")
+    p.add_argument("--point", nargs="+", type=float, action="append", metavar="X Y [Z] LABEL",
+                   help="a point in pixel coordinates with label 1 (foreground) or 0 (background): X Y LABEL on "
+                        "an image, I J K LABEL (voxel indices) on a volume; repeatable")
+    p.add_argument("--box3d", nargs=6, type=float, metavar=("I0", "J0", "K0", "I1", "J1", "K1"),
+                   help="volume: a 3D box in voxel indices along the file's first, second and third axes (as "
+                        "nibabel and ITK-SNAP count them), half-open; every slice in its range is prompted")
+    p.add_argument("--propagate", action="store_true",
+                   help="volume: prompt one slice (middle of --box3d, or the first foreground --point) and follow "
+                        "the mask slice by slice, each prompted with the previous mask's box, until it vanishes")
+    p.add_argument("--axis", default="k", choices=("i", "j", "k"),
+                   help="volume: slice across this file axis (default k, the third: axial for most CT/MR)")
     p.add_argument("--mask-input", default=None, metavar="PREV",
                    help="a previous mask of the image (PNG, non-zero = object) or low-res logits (.npy) as a "
                         "mask prompt, to refine it with --point")
     p.add_argument("--auto", action="store_true",
                    help="no prompt: every object, as an instance label map (0 background, 1..K) from a grid of "
                         "point prompts")
-    p.add_argument("--points-per-side", type=cli_train.int_at_least(1), default=16,
-                   help="--auto: point grid per side (default 16)")
-    p.add_argument("--pred-iou-thresh", type=float, default=0.88, help="--auto: minimum predicted IoU (0.88)")
-    p.add_argument("--stability-thresh", type=float, default=0.95, help="--auto: minimum stability score (0.95)")
-    p.add_argument("--min-area", type=cli_train.int_at_least(0), default=0,
-                   help="--auto: remove regions and holes under this many pixels (default 0)")
-    p.add_argument("--out", required=True, help="output mask PNG (0/255; --auto: instance labels)")
+    _add_auto_args(p)
+    p.add_argument("--out", required=True, help="output mask PNG (0/255; --auto: instance labels); for a volume "
+                                                "a label volume (.nii.gz, .nii, .mha, .nrrd) on its grid")
     p.add_argument("--overlay", default=None, help="also write an overlay PNG of the mask on the image")
     p.add_argument("--size", nargs=2, type=cli_train.int_at_least(1), metavar=("H", "W"),
                    help="output grid (default: the original image size)")
@@ -74,6 +102,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", default=None,
                    help="display window for CT/MR: soft_tissue | lung | bone | brain | CENTER,WIDTH")
     p.add_argument("--multimask", action="store_true", help="let SAM propose 3 masks and keep the best-scored")
+    _add_model_args(p)
+    cli_train.add_decoding_args(p)
+
+    p = sub.add_parser("predict", help="segment every image and volume of a folder with one model loaded once "
+                                       "(prompts from a JSON file, boxes from label maps, or automatic)")
+    p.add_argument("-i", "--input", required=True, help="folder of images, volumes and DICOM series folders")
+    p.add_argument("-o", "--output", required=True,
+                   help="output folder: one label map per case (NAME.png, NAME.nii.gz...) + predictions.csv")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompts", default=None, metavar="JSON",
+                        help='per case: {"NAME": {"box": [x0, y0, x1, y1]} or a list of objects with box, points, '
+                             'box3d, label, propagate} (README: Predict a folder)')
+    source.add_argument("--boxes-from", default=None, metavar="LABELS_DIR",
+                        help="label maps of the same names: each label value prompted with its tight box "
+                             "(volumes: 3-D box) and written with that value")
+    source.add_argument("--auto", action="store_true", help="2-D images: every object, instance labels 1..K")
+    p.add_argument("--overwrite", action="store_true", help="redo cases whose output exists (default: skip them)")
+    p.add_argument("--propagate", action="store_true",
+                   help="--boxes-from on volumes: prompt each object's middle slice only and follow the mask")
+    p.add_argument("--axis", default="k", choices=("i", "j", "k"), help="volumes: slice across this file axis")
+    p.add_argument("--window", default=None, help="CT window name or CENTER,WIDTH (default: per file)")
+    p.add_argument("--multimask", action="store_true", help="let SAM propose 3 masks and keep the best-scored")
+    _add_auto_args(p)
     _add_model_args(p)
     cli_train.add_decoding_args(p)
 
@@ -96,35 +147,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _parse_window(text: str | None):
-    if text is None:
-        return None
-    if "," in text:
-        try:
-            center, width = (float(v) for v in text.split(","))
-        except ValueError:
-            raise ImedsamError(f"--window: expected CENTER,WIDTH or a name, got {text!r}") from None
-        return (center, width)
-    return text
-
-
-def _check_outputs(inputs: dict[str, str | None], outputs: dict[str, str | None]) -> None:
-    """Refuse an output that is an input or another output, or that cannot be written, before any work."""
-    from imedsam.io.atomic import check_writable
-
-    seen: dict[Path, str] = {Path(v).resolve(): k for k, v in inputs.items() if v}
-    for arg, value in outputs.items():
-        if not value:
-            continue
-        path = Path(value).resolve()
-        if path in seen:
-            what = "the input" if seen[path] in inputs else seen[path]
-            raise ImedsamError(f"{arg}: {value} is also {what} ({seen[path]}); choose another output file, "
-                               "inputs are never overwritten")
-        seen[path] = arg
-        check_writable(path, arg)
-
-
 def _read_mask_input(path: str):
     """A .npy array (low-res logits, or a mask of the image) as it is, or a mask image as bool (non-zero)."""
     import numpy as np
@@ -144,32 +166,44 @@ def cmd_segment(args: argparse.Namespace) -> int:
     import numpy as np
 
     from imedsam import io
-    from imedsam.infer.segmenter import Segmenter
     from imedsam.models.registry import system_class
 
     prompts = [name for name, given in (("--box", args.box), ("--point", args.point),
-                                        ("--mask-input", args.mask_input)) if given]
+                                        ("--mask-input", args.mask_input), ("--box3d", args.box3d)) if given]
     if args.auto and prompts:
         raise ImedsamError(f"--auto: automatic mode takes no prompt; drop {', '.join(prompts)}")
     if not args.auto and not prompts:
         raise ImedsamError("no prompt given: pass --box X0 Y0 X1 Y1, --point X Y LABEL and/or --mask-input PREV, "
-                           "or --auto")
+                           "or --auto (a volume: --box3d I0 J0 K0 I1 J1 K1 and/or --point I J K LABEL)")
+    if args.point and any(len(p) not in (3, 4) for p in args.point):
+        bad = next(p for p in args.point if len(p) not in (3, 4))
+        raise ImedsamError(f"--point: expected X Y LABEL (an image) or I J K LABEL (a volume), got {bad}")
+    sample = io.read(args.image)
+    from imedsam.io.sample import require_finite
+
+    require_finite(sample.array, args.image)
+    if sample.is_volume:
+        from imedsam.cli_volume import segment_volume_command
+
+        return segment_volume_command(args, sample)
+    volume_only = [flag for flag, given in (("--box3d", args.box3d), ("--propagate", args.propagate),
+                                            ("--axis", args.axis != "k")) if given]
+    if volume_only:
+        raise ImedsamError(f"{volume_only[0]}: {args.image} is a 2D image; {volume_only[0]} goes with a volume "
+                           "(use --box X0 Y0 X1 Y1 / --point X Y LABEL)")
     points = labels = None
     if args.point:
-        pts = np.asarray(args.point, dtype=np.float64)
+        pts = np.asarray(args.point, dtype=np.float64) if all(len(p) == 3 for p in args.point) else None
+        if pts is None:
+            raise ImedsamError(f"--point: {args.image} is a 2D image: give X Y LABEL (3 values) per point")
         if not np.all(np.isin(pts[:, 2], (0, 1))):
             raise ImedsamError(f"--point: LABEL must be 1 (foreground) or 0 (background), got {pts[:, 2].tolist()}")
         points, labels = pts[:, :2], pts[:, 2].astype(np.int64)
-    if args.box is not None:
-        x0, y0, x1, y1 = args.box
-        if not (x1 > x0 and y1 > y0):
-            raise ImedsamError(f"--box: degenerate box {args.box}: need X0 < X1 and Y0 < Y1 (X1, Y1 one past the "
-                               "last pixel)")
     if args.size:
         from imedsam.runtime import check_output_grid
 
         check_output_grid(tuple(args.size), 3 if args.multimask else 1)
-    _check_outputs({"image": args.image, "--mask-input": args.mask_input},
+    check_outputs({"image": args.image, "--mask-input": args.mask_input},
                    {"--out": args.out, "--overlay": args.overlay, "--uncertainty": args.uncertainty})
     if args.uncertainty and not args.uncertainty.lower().endswith(".png"):
         raise ImedsamError(f"--uncertainty {args.uncertainty}: the map is written as PNG (+ .npy beside it); use a "
@@ -185,23 +219,20 @@ def cmd_segment(args: argparse.Namespace) -> int:
         raise ImedsamError(f"{flag[unusable[0]]}: model {model or args.adapter!r} cannot use a {unusable[0]} prompt")
     if args.uncertainty and not cls.has_uncertainty:
         raise ImedsamError(f"--uncertainty: model {model!r} gives no uncertainty map; use --model imedsam")
-    sample = io.read(args.image)
-    from imedsam.io.sample import require_finite
-
-    require_finite(sample.array, args.image)
-    if sample.is_volume:
-        raise ImedsamError(f"{args.image}: is a volume; `segment` takes a 2D image (slice it first)")
     mask_input = _read_mask_input(args.mask_input) if args.mask_input else None
-    rgb = io.to_display_rgb(sample, window=_parse_window(args.window))
-    options = {}
-    if args.backbone:
-        options["backbone"] = args.backbone
-    seg = Segmenter(model, checkpoint=args.checkpoint, adapter=args.adapter, device=args.device,
-                    precision=args.precision, tta=args.tta, **options)
-    if args.adaptive:
-        from imedsam.models.imedsam import set_adaptive_decoding
+    # every prompt is checked against the image before the model is loaded and the image encoded
+    from imedsam.sam.prepare import check_box, check_points
 
-        set_adaptive_decoding(seg.system)
+    hw = tuple(int(n) for n in sample.geometry.shape)
+    if args.box is not None:
+        check_box(args.box, hw)
+    if points is not None:
+        check_points(points, labels, hw)
+    if mask_input is not None and not args.mask_input.lower().endswith(".npy") and tuple(mask_input.shape) != hw:
+        raise ImedsamError(f"--mask-input {args.mask_input}: mask is {mask_input.shape[0]}x{mask_input.shape[1]} "
+                           f"(HxW) but the image is {hw[0]}x{hw[1]}; give the mask of this image")
+    rgb = io.to_display_rgb(sample, window=parse_window(args.window))
+    seg = build_segmenter(args, model)
     seg.set_image(rgb)
     if args.auto:
         return _segment_auto(args, seg, rgb)
@@ -225,13 +256,47 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from imedsam.infer.folder import FolderSettings, list_cases, load_prompt_file, predict_folder
+    from imedsam.models.registry import system_class
+
+    src, out = Path(args.input).resolve(), Path(args.output).resolve()
+    if out == src or src in out.parents:
+        raise ImedsamError(f"-o {args.output}: inside the input folder {args.input}; write predictions elsewhere "
+                           "(inputs are never overwritten)")
+    if out.exists() and not out.is_dir():
+        raise ImedsamError(f"-o {args.output}: is a file; give a folder")
+    cases = list_cases(src)
+    prompts = load_prompt_file(args.prompts) if args.prompts else None
+    if args.boxes_from and not Path(args.boxes_from).is_dir():
+        raise ImedsamError(f"--boxes-from {args.boxes_from}: not a folder of label maps")
+    model = args.model or ("litemedsam" if args.adapter is None else None)
+    cls = system_class(model, adapter=args.adapter)
+    kinds = {"points"} if args.auto else {"box"} if args.boxes_from else {
+        kind for objs in prompts.values() for o in objs
+        for kind, given in (("box", o.box or o.box3d), ("points", o.points)) if given}
+    unusable = sorted(k for k in kinds if k not in cls.prompt_types)
+    if unusable:
+        raise ImedsamError(f"--model: {model or args.adapter!r} cannot use a {unusable[0]} prompt")
+    if prompts is not None:
+        missing = [name for name, _ in cases if name not in prompts]
+        if len(missing) == len(cases):
+            raise ImedsamError(f"--prompts {args.prompts}: names none of the cases of {args.input} (e.g. "
+                               f"{cases[0][0]!r}); keys are file names without suffix")
+    seg = build_segmenter(args, model)
+    settings = FolderSettings(window=parse_window(args.window), axis=args.axis, multimask=args.multimask,
+                              min_component=args.min_component, overwrite=args.overwrite, propagate=args.propagate)
+    summary = predict_folder(seg, src, out, prompts=prompts, boxes_from=args.boxes_from,
+                             auto=_auto_settings(args) if args.auto else None, settings=settings)
+    print(json.dumps(summary))
+    return 0 if summary["failed"] == 0 else 1
+
+
 def _segment_auto(args: argparse.Namespace, seg, rgb) -> int:
     from imedsam import io
-    from imedsam.infer.automatic import AutoSettings, generate_masks, label_map
+    from imedsam.infer.automatic import generate_masks, label_map
 
-    settings = AutoSettings(points_per_side=args.points_per_side, pred_iou_thresh=args.pred_iou_thresh,
-                            stability_score_thresh=args.stability_thresh, min_region_area=args.min_area)
-    masks = generate_masks(seg, settings)
+    masks = generate_masks(seg, _auto_settings(args))
     labels = label_map(masks, seg.original_size)
     io.write_mask(args.out, labels if labels.max() > 1 else labels.astype(bool))
     written = {"labels": str(Path(args.out).resolve())}
@@ -269,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    handlers = {"segment": cmd_segment, "info": cmd_info, "demo": cmd_demo}
+    handlers = {"segment": cmd_segment, "predict": cmd_predict, "info": cmd_info, "demo": cmd_demo}
     from imedsam import cli_train
 
     handlers.update(cli_train.HANDLERS)

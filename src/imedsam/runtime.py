@@ -1,14 +1,23 @@
 """Device, precision and threading choices, made in one place.
 
-CPU is a first-class target: bf16 autocast is the big lever there (this machine's AVX-512 bf16 matmul runs at
-about 3.7x its fp32 rate), and ``THP_MEM_ALLOC_ENABLE=1`` (read by PyTorch at import time; the Makefile and the
-CLI set it) makes allocation-heavy forwards several times faster in VMs.
+CPU is a first-class target. bf16 autocast is the big lever on CPUs whose bf16 matmuls are really fast (AMX:
+3.5-10x fp32), but a CPU can advertise ``avx512_bf16`` and still run bf16 slower than fp32 (oneDNN without AMX),
+so ``--precision auto`` on CPU is decided by MEASUREMENT (:func:`cpu_precision`): a GEMM and a convolution timed
+in fp32 and in bf16 (well under a second), the first time on a machine, cached per CPU, thread count and torch
+version. ``THP_MEM_ALLOC_ENABLE=1`` (read by PyTorch at import time; the Makefile and the CLI set it) makes
+allocation-heavy forwards several times faster in VMs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -42,7 +51,8 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
     """The autocast dtype for a device and precision option (None = plain fp32).
 
-    ``auto``: bf16 on CPU when the CPU supports it natively, bf16 on CUDA if supported else fp16, fp32 on MPS.
+    ``auto``: on CPU bf16 when it measured faster than fp32 here (:func:`cpu_precision`), else fp32; bf16 on
+    CUDA if supported else fp16; fp32 on MPS.
     """
     if precision not in PRECISIONS:
         raise ImedsamError(f"--precision: unknown value {precision!r}; use one of {', '.join(PRECISIONS)}")
@@ -53,7 +63,7 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     if precision == "fp16":
         return torch.float16
     if device.type == "cpu":
-        return torch.bfloat16 if cpu_has_fast_bf16() else None
+        return torch.bfloat16 if cpu_precision().choice == "bf16" else None
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return None
@@ -66,6 +76,116 @@ def cpu_has_fast_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+#: bf16 must be at least this much faster than fp32 to be chosen (autocast casts cost time, bf16 costs precision)
+BF16_MARGIN = 1.15
+
+
+@dataclass(frozen=True)
+class PrecisionCalibration:
+    """What ``--precision auto`` chose on this CPU and why.
+
+    Attributes:
+        choice: ``"bf16"`` or ``"fp32"``.
+        fp32_gflops, bf16_gflops: measured throughput of the calibration work (GEMM + convolution), or None
+            when not measured (no native bf16 in the CPU flags: bf16 is emulated and always slower).
+        source: ``"measured"`` (now), ``"cache"`` (an earlier measurement on this machine) or ``"flags"``.
+        key: what the cache entry is for (CPU model and flags, threads, torch version).
+    """
+
+    choice: str
+    fp32_gflops: float | None
+    bf16_gflops: float | None
+    source: str
+    key: str
+
+
+def choose_precision(fp32_gflops: float, bf16_gflops: float, margin: float = BF16_MARGIN) -> str:
+    """``"bf16"`` when bf16 ran at least ``margin`` times the fp32 throughput, else ``"fp32"``."""
+    return "bf16" if bf16_gflops >= margin * fp32_gflops else "fp32"
+
+
+def measure_throughput(dtype: torch.dtype, *, repeats: int = 3) -> float:
+    """GFLOP/s of a 1024^3 GEMM plus a 3x3 convolution (64 -> 64 channels, 96^2) in ``dtype`` on this CPU at the
+    current thread count: the two kinds of work the encoders spend their time in. Best of ``repeats`` after one
+    warm-up call; about 0.1-0.5 s in all."""
+    n, c, hw = 1024, 64, 96
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(dtype)
+    b = torch.randn(n, n, generator=gen).to(dtype)
+    x = torch.randn(1, c, hw, hw, generator=gen).to(dtype)
+    w = torch.randn(c, c, 3, 3, generator=gen).to(dtype)
+    flops = 2 * n ** 3 + 2 * c * c * 9 * hw * hw
+    best = float("inf")
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            torch.nn.functional.conv2d(x, w, padding=1)
+            elapsed = time.perf_counter() - start
+            if i:
+                best = min(best, elapsed)
+    return flops / best / 1e9
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("IMEDSAM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "imedsam")
+    return Path(root)
+
+
+def _cpu_key() -> str:
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        info = platform.processor()
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                 platform.machine())
+    flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
+    digest = hashlib.sha1(f"{model}|{flags}".encode()).hexdigest()[:12]
+    return f"{model} [{digest}] threads={torch.get_num_threads()} torch={torch.__version__}"
+
+
+_CALIBRATION: dict[str, PrecisionCalibration] = {}
+
+
+def cpu_precision(*, measure=measure_throughput, refresh: bool = False) -> PrecisionCalibration:
+    """The CPU's ``--precision auto`` choice: from this process's memory, else the cache file (``$IMEDSAM_CACHE``
+    or ``~/.cache/imedsam/precision.json``, one entry per CPU/threads/torch key), else measured now with
+    ``measure(dtype) -> GFLOP/s`` and written to the cache (atomically). CPUs without native bf16 in their flags
+    get fp32 without measuring. ``refresh`` measures again."""
+    key = _cpu_key()
+    if not refresh and key in _CALIBRATION:
+        return _CALIBRATION[key]
+    path = _cache_dir() / "precision.json"
+    entries: dict = {}
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError):
+        entries = {}
+    if not refresh and isinstance(entries.get(key), dict):
+        try:
+            found = PrecisionCalibration(**{**entries[key], "source": "cache"})
+            _CALIBRATION[key] = found
+            return found
+        except TypeError:
+            pass  # an entry of another version: measure again
+    if not cpu_has_fast_bf16():
+        result = PrecisionCalibration("fp32", None, None, "flags", key)
+    else:
+        fp32, bf16 = measure(torch.float32), measure(torch.bfloat16)
+        result = PrecisionCalibration(choose_precision(fp32, bf16), round(fp32, 1), round(bf16, 1), "measured", key)
+        entries[key] = asdict(result)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(entries, indent=1))
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only home: measure again next time
+    _CALIBRATION[key] = result
+    return result
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

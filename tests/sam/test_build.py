@@ -161,27 +161,12 @@ def test_litemedsam_weights_load_strictly(litemedsam: SamModel) -> None:
 
 
 def test_litemedsam_matches_official_pipeline(litemedsam: SamModel) -> None:
-    from tests.reference import lite_medsam_checkpoint, official_segment_anything_modeling, official_tiny_vit
+    from tests.reference import official_litemedsam
 
-    sam_modeling = official_segment_anything_modeling()
-    tiny_vit = official_tiny_vit()
+    official = official_litemedsam()
+    image_encoder, prompt_encoder, mask_decoder = (official["image_encoder"], official["prompt_encoder"],
+                                                   official["mask_decoder"])
     x, box = _kvasir_input(litemedsam.preprocess)
-
-    image_encoder = tiny_vit.TinyViT(
-        img_size=256, in_chans=3, embed_dims=[64, 128, 160, 320], depths=[2, 2, 6, 2], num_heads=[2, 4, 5, 10],
-        window_sizes=[7, 7, 14, 7], mlp_ratio=4.0, drop_rate=0.0, drop_path_rate=0.0, mbconv_expand_ratio=4.0,
-        local_conv_size=3, layer_lr_decay=0.8,
-    )
-    prompt_encoder = sam_modeling.PromptEncoder(embed_dim=256, image_embedding_size=(64, 64),
-                                                input_image_size=(256, 256), mask_in_chans=16)
-    mask_decoder = sam_modeling.MaskDecoder(
-        num_multimask_outputs=3, transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256,
-        transformer=sam_modeling.TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
-    )
-    official = torch.nn.ModuleDict(
-        {"image_encoder": image_encoder, "prompt_encoder": prompt_encoder, "mask_decoder": mask_decoder})
-    official.load_state_dict(torch.load(lite_medsam_checkpoint(), map_location="cpu", weights_only=True), strict=True)
-    official.eval()
 
     with torch.no_grad(), single_thread():
         embedding = image_encoder(x)

@@ -145,6 +145,9 @@ def test_cli_train_then_evaluate_writes_a_report(disc_dataset, tmp_path, capsys)
                  "--sweep", "16,48", "--device", "cpu"]) == 0
     summary = json.loads((report / "summary.json").read_text())
     assert (report / "cases.csv").exists() and (report / "report.html").stat().st_size > 1000
+    html = (report / "report.html").read_text()
+    # the best, median and worst cases are drawn (their overlays), also with a sweep of output grids
+    assert "no overlay given" not in html and html.count("data:image/png;base64") >= 3
     assert summary["config"]["min_component"] == 0 and summary["config"]["tta"] == "id"
     rows = list(csv.DictReader(open(report / "cases.csv")))
     assert {row["gt_components"] for row in rows} == {"1"}  # every ground truth here is one disc

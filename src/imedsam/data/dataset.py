@@ -49,29 +49,6 @@ def _read(path: Path):
     return read(path)
 
 
-def _display_volume(sample, window) -> np.ndarray:
-    """uint8 (D, H, W) from a volume sample, one window for the whole volume."""
-    from imedsam.io.windowing import apply_window, resolve_window
-
-    arr = np.asarray(sample.array)
-    if arr.dtype == np.uint8 and window is None and sample.meta.get("window") is None:
-        return arr
-    w = window if window is not None else sample.meta.get("window")
-    if w is not None:
-        center, width = resolve_window(tuple(w) if not isinstance(w, str) else w)
-    else:
-        vals = arr[np.isfinite(arr)] if np.issubdtype(arr.dtype, np.floating) else arr
-        if vals.size == 0:
-            return np.zeros(arr.shape, np.uint8)
-        lo, hi = (float(v) for v in np.percentile(vals, [0.5, 99.5]))
-        if hi <= lo:
-            lo, hi = float(vals.min()), float(vals.max())
-        if hi <= lo:
-            return np.zeros(arr.shape, np.uint8)
-        center, width = (lo + hi) / 2.0, hi - lo
-    return apply_window(arr, center, width)
-
-
 def read_case(case: CaseRef, *, window=None, with_spacing: bool = False):
     """Decode one case: display image and label map on the same grid.
 
@@ -80,7 +57,7 @@ def read_case(case: CaseRef, *, window=None, with_spacing: bool = False):
         ``labels``: int64 ``(H, W)`` or ``(D, H, W)`` (see ``normalize_mask``);
         with ``with_spacing``, also the image's spacing per array axis in mm (``None`` when unknown).
     """
-    from imedsam.io.images import to_display_rgb
+    from imedsam.io.images import to_display_rgb, to_display_volume
 
     if not case.has_mask:
         raise ImedsamError(f"{case.image_path}: case '{case.case_id}' has no mask; training and evaluation "
@@ -98,7 +75,7 @@ def read_case(case: CaseRef, *, window=None, with_spacing: bool = False):
     if tuple(labels.shape) != tuple(img.geometry.shape):
         raise ImedsamError(f"{case.mask_path}: mask shape {labels.shape} differs from image shape "
                            f"{tuple(img.geometry.shape)} ({case.image_path}); masks must be on the image grid")
-    image = _display_volume(img, window) if img.is_volume else to_display_rgb(img, window=window)
+    image = to_display_volume(img, window=window) if img.is_volume else to_display_rgb(img, window=window)
     if with_spacing:
         return image, labels, img.geometry.spacing
     return image, labels

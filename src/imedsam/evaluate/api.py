@@ -18,7 +18,7 @@ def run_evaluation(*, run: str | None, model: str | None, checkpoint: str | None
                    min_component: int = 0, tta: str | None = None, box_jitter: tuple[float, float] | None = None,
                    gt_dir: str | Path | None = None, nsd_tolerance: float = 2.0, empty_policy="nan",
                    prompt: str = "box", prompts_file: str | Path | None = None, min_foreground: int = 1,
-                   objects: str = "classes") -> dict:
+                   objects: str = "classes", preprocess: str | None = None) -> dict:
     """Score a trained run (``run``) or a zero-shot model (``model``) on ``split`` of ``data``; returns a summary.
 
     ``split``: a split name, or ``"all"`` (every case; also what a folder without splits gets). ``prompt``: the
@@ -51,16 +51,7 @@ def run_evaluation(*, run: str | None, model: str | None, checkpoint: str | None
     if limit is not None and limit < 1:
         raise ImedsamError(f"--limit: must be >= 1 (the number of cases to score), got {limit}")
     index = discover(data)
-    if split == "all" or not index.has_splits:
-        if split not in ("all", "test"):
-            raise ImedsamError(f"--split: {data} has no splits; use --split all (or leave it out) to score every "
-                               "case")
-        split_arg = None
-    elif split not in index.counts():
-        names = sorted(k for k in index.counts() if k is not None)
-        raise ImedsamError(f"--split: {data} has no {split!r} split; it has {', '.join(names)} (or use all)")
-    else:
-        split_arg = split
+    split_arg = resolve_split(index, split, data)
     jitter = {"mode": "expand", "expand": tuple(box_jitter)} if box_jitter else None
     if min_foreground < 1:
         raise ImedsamError(f"--min-foreground: must be >= 1 pixel, got {min_foreground}")
@@ -86,7 +77,8 @@ def run_evaluation(*, run: str | None, model: str | None, checkpoint: str | None
         spacing=spacing, nsd_tolerance=nsd_tolerance, empty_policy=empty_policy)
     dev = resolve_device(device)
     amp = autocast_dtype(dev, precision)
-    system = build_system(adapter=run) if run else build_system(model, checkpoint=checkpoint)
+    system = (build_system(adapter=run, preprocess=preprocess) if run
+              else build_system(model, checkpoint=checkpoint, preprocess=preprocess))
     system.check_prompts(protocol.prompt_types)
     if adaptive:
         from imedsam.models.imedsam import set_adaptive_decoding
@@ -117,12 +109,13 @@ def run_evaluation(*, run: str | None, model: str | None, checkpoint: str | None
         pred = predict_case(system, case, size=grid, device=dev, amp_dtype=amp, seed=seed,
                             min_component=min_component, views=views, protocol=protocol,
                             index=cases.index(case), prompt=used.get(case.case_id))
-        overlays[f"{label}: {case_id}"] = (resize_rgb(case.image, grid), case.gt_on(grid), pred)
+        overlays[case_id] = (resize_rgb(case.image, grid), case.gt_on(grid), pred)
     config = {"run": str(run) if run else None, "model": model, "checkpoint": checkpoint, "data": str(data),
               "split": split, "grids": [s if s is None else list(s) for s in sizes], "precision": precision,
               "decoding": "adaptive" if adaptive else "exact", "min_component": min_component,
               "tta": ",".join(v.name for v in views), "min_foreground": min_foreground, "objects": objects,
               "seed": seed, "gt_dir": None if gt_dir is None else str(gt_dir),
+              "preprocess": system.preprocess.pipeline,
               "prompt": _prompt_text(protocol, box_jitter, seed, prompts_file),
               "protocol": " ".join(protocol_text.split())}
     headline = {"protocol": protocol.name, "dice (mean per mask)": summarize(main_rows)["dice"]["mean"],
@@ -131,7 +124,7 @@ def run_evaluation(*, run: str | None, model: str | None, checkpoint: str | None
         headline.update(click_summary(main_rows, protocol.n))
     paths = write_report(out, rows, config=config, conventions=metric_conventions, overlays=overlays,
                          sweep=sweep_means, title=f"imedsam evaluation: {run or model} on {Path(data).name}/{split}",
-                         group_by="gt_components", headline=headline)
+                         group_by="gt_components", headline=headline, selected=picks)
     summary = summarize(main_rows)
     result = {"report": str(Path(paths["html"]).resolve()), "protocol": protocol.name, "cases": len(main_rows),
               "dice": summary["dice"]["mean"], "dice_per_image": per_image_mean(main_rows, "dice"),
@@ -139,6 +132,20 @@ def run_evaluation(*, run: str | None, model: str | None, checkpoint: str | None
     if protocol.kind == "clicks":
         result.update(click_summary(main_rows, protocol.n))
     return result
+
+
+def resolve_split(index, split: str, data) -> str | None:
+    """``--split`` against a dataset index: a split it has, or ``all`` (None: every case; what a folder without
+    splits gets, also for the default ``test``)."""
+    if split == "all" or not index.has_splits:
+        if split not in ("all", "test"):
+            raise ImedsamError(f"--split: {data} has no splits; use --split all (or leave it out) to score every "
+                               "case")
+        return None
+    if split not in index.counts():
+        names = sorted(k for k in index.counts() if k is not None)
+        raise ImedsamError(f"--split: {data} has no {split!r} split; it has {', '.join(names)} (or use all)")
+    return split
 
 
 def per_image_mean(rows: list[dict], key: str) -> float:

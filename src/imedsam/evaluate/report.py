@@ -256,7 +256,8 @@ def write_report(out_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]], 
                  conventions: Mapping[str, Any], overlays: Mapping[str, Overlay] | None = None,
                  sweep: Mapping[int, float] | None = None, title: str = "imedsam evaluation report",
                  id_key: str = "case", key: str = "dice", group_by: str | None = None,
-                 headline: Mapping[str, Any] | None = None) -> dict[str, Path]:
+                 headline: Mapping[str, Any] | None = None,
+                 selected: Mapping[str, str] | None = None) -> dict[str, Path]:
     """Write ``cases.csv``, ``summary.json`` and ``report.html`` into ``out_dir`` (created; atomic writes).
 
     Args:
@@ -276,6 +277,8 @@ def write_report(out_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]], 
             statistics per value of that column under ``"groups"`` and the HTML a table of ``key`` per group.
         headline: figures of the protocol beyond the per-case statistics (e.g. the per-image mean Dice, the Dice
             after each click, NoC), written under ``"headline"`` and listed at the top of the HTML.
+        selected: ``{"best": id, "median": id, "worst": id}`` to draw; default :func:`select_cases` on ``rows``
+            (give it when the overlays were computed for a selection made on a subset, e.g. one output grid).
 
     Returns:
         ``{"csv": path, "json": path, "html": path}``.
@@ -294,10 +297,11 @@ def write_report(out_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]], 
         raise ImedsamError(f"rows have no {id_key!r} column; give every row a case id")
 
     summary_metrics = summarize(rows)
-    try:
-        selected: dict[str, str] | None = select_cases(rows, key, id_key=id_col)
-    except ImedsamError:
-        selected = None
+    if selected is None:
+        try:
+            selected = select_cases(rows, key, id_key=id_col)
+        except ImedsamError:
+            selected = None
         logger.warning("no finite %r in the rows: no best/median/worst selection", key)
     if sweep is not None:
         sweep = {int(k): v for k, v in sweep.items()}

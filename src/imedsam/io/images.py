@@ -315,6 +315,30 @@ def to_display_rgb(sample: Sample | np.ndarray, *, window: Window | None = None)
     return np.ascontiguousarray(out, dtype=np.uint8)
 
 
+def to_display_volume(sample: Sample, *, window: Window | None = None) -> np.ndarray:
+    """uint8 ``(D, H, W)`` from a volume sample, with ONE intensity mapping for the whole volume (so every slice,
+    in training and at inference, sees the same scale): ``window`` (``(center, width)`` or a CT window name),
+    else the file's window (``meta["window"]``, DICOM), else uint8 as is, else the volume's 0.5..99.5
+    percentiles of its finite values (MR and any unwindowed data). A constant volume becomes 0."""
+    arr = np.asarray(sample.array)
+    w = window if window is not None else sample.meta.get("window")
+    if w is None and arr.dtype == np.uint8:
+        return arr
+    if w is not None:
+        center, width = resolve_window(tuple(w) if not isinstance(w, str) else w)
+    else:
+        vals = arr[np.isfinite(arr)] if np.issubdtype(arr.dtype, np.floating) else arr
+        if vals.size == 0:
+            return np.zeros(arr.shape, np.uint8)
+        lo, hi = (float(v) for v in np.percentile(vals, [0.5, 99.5]))
+        if hi <= lo:
+            lo, hi = float(vals.min()), float(vals.max())
+        if hi <= lo:
+            return np.zeros(arr.shape, np.uint8)
+        center, width = (lo + hi) / 2.0, hi - lo
+    return apply_window(arr, center, width)
+
+
 def write_uncertainty(path: str | os.PathLike, uncertainty: np.ndarray) -> dict[str, str]:
     """Write a per-pixel uncertainty map as a viewable PNG plus the exact values in a ``.npy`` beside it.
 

@@ -31,3 +31,7 @@ class SystemConfig(Strict):
                                                           "null: the backbone's (training: data.image_size)")
     mode: Literal["paper", "reference"] = Field("paper", description="paper: the published method with the fixes "
                                                                      "of systems.md; reference: the official code")
+    preprocess: Literal["imedsam", "official"] = Field(
+        "imedsam", description="inference input pipeline: imedsam (antialiased resize, exact per-axis prompt "
+                               "scaling) or official (MedSAM-lite's script bit for bit: OpenCV area resize, floored "
+                               "box; LiteMedSAM only, needs opencv-python-headless)")

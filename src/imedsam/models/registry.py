@@ -8,6 +8,8 @@ model names: used alone they are the zero-shot system ``sam`` on that backbone.
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 from contextlib import nullcontext
 from pathlib import Path
@@ -150,9 +152,11 @@ def system_class(name: str | None, *, adapter: str | Path | None = None) -> type
 
 def build_system(name: str | None = None, *, config: SystemConfig | dict | None = None,
                  checkpoint: str | Path | None = None, adapter: str | Path | None = None,
-                 backbone: str | None = None, pretrained: bool = True, **options: Any) -> SegmentationSystem:
+                 backbone: str | None = None, pretrained: bool = True, preprocess: str | None = None,
+                 **options: Any) -> SegmentationSystem:
     """Build a system by ``name`` (or from ``config``); ``adapter`` (file or run folder) loads trained weights
-    and the config they were trained with (``name`` may then be omitted)."""
+    and the config they were trained with (``name`` may then be omitted). ``preprocess`` (``imedsam`` |
+    ``official``) overrides the config's inference input pipeline (:class:`imedsam.sam.model.Preprocess`)."""
     adapter_file = None
     if adapter is not None:
         adapter_file, saved = saved_config(adapter)
@@ -169,11 +173,29 @@ def build_system(name: str | None = None, *, config: SystemConfig | dict | None 
             raise ImedsamError("build_system: give a model name, a config or an adapter")
         config = model_config(name, backbone=backbone, checkpoint=checkpoint, **options)
     config = validate_model_config(config)
+    if preprocess is not None:
+        config = validate_model_config({**config.model_dump(), "preprocess": preprocess})
+    _check_preprocess(config)
     system = get_system(config.system).build(config, pretrained=pretrained)
+    if system.preprocess.pipeline != config.preprocess:
+        system.preprocess = dataclasses.replace(system.preprocess, pipeline=config.preprocess)
     if adapter_file is not None:
         system.load_trainable(adapter_file)
         log.info("loaded adapter %s", adapter_file)
     return system
+
+
+def _check_preprocess(config: SystemConfig) -> None:
+    """``preprocess: official`` before any weights load: a LiteMedSAM (min-max) backbone and OpenCV present."""
+    if config.preprocess != "official":
+        return
+    from imedsam.sam.build import get_spec
+    from imedsam.sam.prepare import require_opencv
+
+    if get_spec(config.backbone).normalize != "minmax":
+        raise ImedsamError(f"--preprocess official: reproduces MedSAM-lite's inference script, for LiteMedSAM; "
+                           f"backbone {config.backbone!r} takes SAM's input, use --preprocess imedsam")
+    require_opencv()
 
 
 def parameter_breakdown(name: str, *, backbone: str | None = None, mode: str | None = None,

@@ -38,6 +38,10 @@ class Preprocess:
         pixel_std: per-channel std for ``"sam"``.
         resize_longest_side: the longest side is resized to S keeping the aspect ratio (SAM's ResizeLongestSide).
         pad: the resized image is zero padded at the bottom/right to S x S, after normalisation.
+        pipeline: ``"imedsam"``: the image is resized as float (antialiased bilinear) and prompts are scaled per
+            axis by ``new / old`` (exact); ``"official"``: MedSAM-lite's own inference script, bit for bit (for
+            ``"minmax"`` backbones: OpenCV area resampling of the uint8 image, one scale ``S / max(H, W)`` for
+            both axes and box corners floored to integers; needs ``opencv-python-headless``).
     """
 
     img_size: int
@@ -46,12 +50,18 @@ class Preprocess:
     pixel_std: tuple[float, float, float] = SAM_PIXEL_STD
     resize_longest_side: bool = True
     pad: Literal["bottom_right"] = "bottom_right"
+    pipeline: Literal["imedsam", "official"] = "imedsam"
 
     def __post_init__(self) -> None:
         if self.img_size <= 0:
             raise ImedsamError(f"img_size={self.img_size} must be positive")
         if self.normalize not in ("sam", "minmax", "unit"):
             raise ImedsamError(f"normalize={self.normalize!r}: expected 'sam', 'minmax' or 'unit'")
+        if self.pipeline not in ("imedsam", "official"):
+            raise ImedsamError(f"--preprocess {self.pipeline!r}: expected 'imedsam' or 'official'")
+        if self.pipeline == "official" and self.normalize != "minmax":
+            raise ImedsamError("--preprocess official: reproduces MedSAM-lite's inference script, for LiteMedSAM "
+                               "(min-max input); this backbone takes SAM's input, use --preprocess imedsam")
 
     def normalize_tensor(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise resized, unpadded images (B, 3, h, w) (values as read, 0-255 for ``"sam"``/``"unit"``).

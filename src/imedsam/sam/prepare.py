@@ -8,6 +8,9 @@ Conventions
 * Encoder input: the longest side is resized to ``S = preprocess.img_size``, the other side to
   ``round(side * S / longest)``, the result padded at the bottom/right to S x S. A coordinate c of the
   original image becomes ``c * new / old`` per axis (SAM's ``ResizeLongestSide.apply_coords``).
+* ``preprocess.pipeline == "official"`` (LiteMedSAM): MedSAM-lite's inference script instead: the uint8 image is
+  resized with OpenCV's area interpolation, one ratio ``S / max(H, W)`` maps both axes and box corners are
+  floored to integers (``int(c * ratio)``); the logits are restored as below (crop, bilinear).
 * Restoring: the decoder's logits cover the S x S input; the valid region is ``[0, new_h) x [0, new_w)``. Discrete
   decoders are upsampled to S x S, cropped to the valid region and resized to the requested grid (this is what the
   official SAM and LiteMedSAM predictors do); implicit decoders are queried directly at the requested grid's pixel
@@ -33,16 +36,22 @@ class PreparedImage:
         original_size: (H, W) of the original image.
         input_size: (new_h, new_w) of the resized image inside the S x S input (the valid region).
         img_size: S.
+        pipeline: ``"imedsam"`` or ``"official"`` (:class:`imedsam.sam.model.Preprocess`): how prompts map in.
     """
 
     tensor: torch.Tensor
     original_size: tuple[int, int]
     input_size: tuple[int, int]
     img_size: int
+    pipeline: str = "imedsam"
 
     @property
     def scale(self) -> tuple[float, float]:
-        """(sy, sx): encoder-input pixels per original pixel along rows and columns."""
+        """(sy, sx): encoder-input pixels per original pixel along rows and columns (the official pipeline
+        uses one ratio, ``S / max(H, W)``, for both)."""
+        if self.pipeline == "official":
+            ratio = self.img_size / max(self.original_size)
+            return (ratio, ratio)
         return (self.input_size[0] / self.original_size[0], self.input_size[1] / self.original_size[1])
 
 
@@ -78,6 +87,8 @@ def prepare_image(image: np.ndarray, preprocess, device: torch.device | str = "c
             (use :func:`imedsam.io.to_display_rgb` for CT/MR); ``"minmax"`` (LiteMedSAM) rescales it anyway.
         preprocess: the backbone's :class:`imedsam.sam.model.Preprocess` (img_size, normalize, pixel mean/std).
     """
+    if getattr(preprocess, "pipeline", "imedsam") == "official":
+        return _prepare_official(image, preprocess, device)
     rgb = as_rgb_float(image)
     height, width = rgb.shape[:2]
     size = int(preprocess.img_size)
@@ -89,6 +100,33 @@ def prepare_image(image: np.ndarray, preprocess, device: torch.device | str = "c
     x = preprocess.normalize_tensor(x)
     x = F.pad(x, (0, size - new_w, 0, size - new_h))
     return PreparedImage(tensor=x.contiguous(), original_size=(height, width), input_size=(new_h, new_w), img_size=size)
+
+
+def require_opencv():
+    try:
+        import cv2
+    except ImportError:
+        raise ImedsamError("--preprocess official: MedSAM-lite's pipeline resizes with OpenCV; install it with "
+                           "`pip install opencv-python-headless` (or imedsam[official])") from None
+    return cv2
+
+
+def _prepare_official(image: np.ndarray, preprocess, device: torch.device | str) -> PreparedImage:
+    """MedSAM-lite's inference script: uint8 (H, W, 3) -> ``cv2.resize(INTER_AREA)`` to the longest side S
+    (rounded as SAM) -> min-max over the resized image -> zero padding at the bottom/right."""
+    cv2 = require_opencv()
+    rgb = as_rgb_float(image)
+    if np.asarray(image).dtype != np.uint8:  # the script reads uint8 images; put other dtypes on that scale
+        rgb = np.clip(np.rint(rgb), 0, 255)
+    rgb = np.ascontiguousarray(rgb.astype(np.uint8))
+    height, width = rgb.shape[:2]
+    size = int(preprocess.img_size)
+    new_h, new_w = resized_shape(height, width, size)
+    resized = cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_AREA)
+    x = torch.from_numpy(resized.astype(np.float32)).permute(2, 0, 1)[None].to(device)
+    x = F.pad(preprocess.normalize_tensor(x), (0, size - new_w, 0, size - new_h))
+    return PreparedImage(tensor=x.contiguous(), original_size=(height, width), input_size=(new_h, new_w),
+                         img_size=size, pipeline="official")
 
 
 def check_box(box, original_size: tuple[int, int], name: str = "--box") -> np.ndarray:
@@ -126,11 +164,14 @@ def check_points(points, labels, original_size: tuple[int, int]) -> tuple[np.nda
 
 
 def to_input_coords(coords: np.ndarray, prepared: PreparedImage) -> np.ndarray:
-    """Map (..., 2) xy coordinates (or (..., 4) boxes) from the original image to the encoder input."""
+    """Map (..., 2) xy coordinates (or (..., 4) boxes) from the original image to the encoder input
+    (the official pipeline floors box corners, as MedSAM-lite's ``resize_box_to_256``)."""
     sy, sx = prepared.scale
     out = np.asarray(coords, dtype=np.float64).copy()
     out[..., 0::2] *= sx
     out[..., 1::2] *= sy
+    if prepared.pipeline == "official" and out.shape[-1] == 4:
+        out = np.trunc(out)
     return out
 
 

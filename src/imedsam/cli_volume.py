@@ -1,0 +1,96 @@
+"""`imedsam segment VOLUME`: a NIfTI / MHA / NRRD file or a DICOM series folder, segmented slice by slice from a
+3D box or points (:mod:`imedsam.data.volume_prompts`), written as a label volume on the input's grid."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from imedsam.cli_common import build_segmenter, check_outputs, parse_window
+from imedsam.errors import ImedsamError
+from imedsam.io.sample import Sample
+
+#: what a label volume can be written as (single files, so that the write is atomic)
+LABEL_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii", ".mha", ".nrrd")
+
+
+def _refuse_2d_options(args: argparse.Namespace) -> None:
+    image = args.image
+    if args.box is not None:
+        raise ImedsamError(f"--box: {image} is a volume; give --box3d I0 J0 K0 I1 J1 K1 (voxel indices along the "
+                           "file's axes, half-open), or --propagate from it")
+    if args.auto:
+        raise ImedsamError(f"--auto: automatic mode is for 2D images; prompt the volume {image} with --box3d or "
+                           "--point I J K LABEL")
+    for flag, given in (("--mask-input", args.mask_input), ("--size", args.size),
+                        ("--uncertainty", args.uncertainty)):
+        if given:
+            raise ImedsamError(f"{flag}: 2D images only; {image} is a volume (its labels are written on its grid)")
+    if args.point and any(len(p) != 4 for p in args.point):
+        bad = next(p for p in args.point if len(p) != 4)
+        raise ImedsamError(f"--point: {image} is a volume: give I J K LABEL (voxel indices) per point, got {bad}")
+
+
+def _check_volume_outputs(args: argparse.Namespace) -> None:
+    from imedsam.io.atomic import full_suffix
+
+    if full_suffix(Path(args.out)) not in LABEL_SUFFIXES:
+        raise ImedsamError(f"--out {args.out}: a volume's labels are written as a volume; use one of "
+                           f"{', '.join(LABEL_SUFFIXES)} (e.g. labels.nii.gz)")
+    if full_suffix(Path(args.out)) in (".mha", ".nrrd"):
+        try:
+            import SimpleITK  # noqa: F401
+        except ImportError:
+            raise ImedsamError(f"--out {args.out}: MHA/NRRD files need SimpleITK; pip install 'imedsam[volumes]' "
+                               "or write .nii.gz") from None
+    if args.overlay and not args.overlay.lower().endswith(".png"):
+        raise ImedsamError(f"--overlay {args.overlay}: the overlay of a volume is one slice as PNG; use a .png name")
+    check_outputs({"image": args.image}, {"--out": args.out, "--overlay": args.overlay})
+
+
+def segment_volume_command(args: argparse.Namespace, sample: Sample) -> int:
+    """Check every argument against the volume, then segment it and write the label volume (and an overlay of
+    the slice with the largest mask); prints a JSON summary."""
+    from tqdm.auto import tqdm
+
+    from imedsam import io
+    from imedsam.data.volume_prompts import SliceFrame, VolumePrompt, check_volume_prompt, planned_slices
+    from imedsam.infer.volume import segment_volume_with
+    from imedsam.models.registry import system_class
+
+    _refuse_2d_options(args)
+    _check_volume_outputs(args)
+    frame = SliceFrame(args.axis)
+    shape = tuple(int(n) for n in sample.geometry.shape)
+    prompt = VolumePrompt(box3d=tuple(args.box3d) if args.box3d else None,
+                          points=np.asarray(args.point, dtype=np.float64) if args.point else None,
+                          propagate=args.propagate)
+    check_volume_prompt(prompt, shape)
+    model = args.model or ("litemedsam" if args.adapter is None else None)
+    cls = system_class(model, adapter=args.adapter)
+    for kind, flag, given in (("box", "--box3d", args.box3d or args.propagate), ("points", "--point", args.point)):
+        if given and kind not in cls.prompt_types:
+            raise ImedsamError(f"{flag}: model {model or args.adapter!r} cannot use a {kind} prompt")
+    display = io.to_display_volume(sample, window=parse_window(args.window))
+    seg = build_segmenter(args, model)
+
+    with tqdm(total=planned_slices(prompt, frame, shape), unit="slice", desc="segment", leave=False) as bar:
+        mask, _ = segment_volume_with(seg, display, prompt, frame, multimask=args.multimask,
+                                      min_component=args.min_component, on_slice=lambda s, m: bar.update(1))
+    written = {"labels": str(io.write_volume(args.out, mask.astype(np.uint8), like=sample).resolve())}
+    areas = mask.sum(axis=tuple(a for a in range(3) if a != frame.array_axis))
+    if args.overlay:
+        best = int(np.argmax(areas))
+        rgb = np.repeat(frame.take(display, best)[..., None], 3, axis=2)
+        io.write_overlay(args.overlay, rgb, frame.take(mask, best))
+        written["overlay"] = str(Path(args.overlay).resolve())
+        written["overlay_slice"] = best
+    voxels = int(mask.sum())
+    summary = {"foreground_voxels": voxels, "slices_with_mask": int((areas > 0).sum()), "axis": args.axis}
+    if sample.geometry.spacing is not None:
+        summary["volume_ml"] = round(voxels * float(np.prod(sample.geometry.spacing)) / 1000.0, 4)
+    print(json.dumps({**summary, **written}))
+    return 0

@@ -26,7 +26,7 @@ set by ``--imedsam-la-epochs``); SAM-Med2D on LiteMedSAM (``configs/sam-med2d-kv
 ``configs/sam-med2d-la.yaml``). Training time is wall clock on this machine; runs are resumed/reused when their
 folder exists.
 
-    python benchmarks/sam_med2d.py [--out runs/m2d] [--datasets kvasir,la] [--skip-train] [--limit N]
+    python benchmarks/sam_med2d.py [--out runs/m2d] [--datasets kvasir,la] [--skip-train] [--limit N] [--stride K]
 """
 
 from __future__ import annotations
@@ -110,6 +110,8 @@ def main() -> None:
     parser.add_argument("--datasets", default="kvasir,la")
     parser.add_argument("--skip-train", action="store_true", help="score the runs already in --out")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N test cases (smoke runs)")
+    parser.add_argument("--stride", type=int, default=1,
+                        help="score every K-th test case (a subsample spread over all test images/volumes)")
     parser.add_argument("--imedsam-la-epochs", type=int, default=1)
     parser.add_argument("--precision", default="auto", help="inference precision (auto | fp32 | bf16)")
     args = parser.parse_args()
@@ -139,7 +141,7 @@ def main() -> None:
             runs[model] = run_dir
         index = discover(data)
         cases = dataset_cases(SegmentationDataset(index, split="test", min_foreground=spec["test_min_foreground"]),
-                              limit=args.limit)
+                              limit=args.limit)[:: max(1, args.stride)]
         prompts: dict = {}
         results = {}
         for model in ("litemedsam", "imedsam", "sam_med2d"):

@@ -57,12 +57,12 @@ def test_auto_precision_is_decided_by_measurement_and_cached(tmp_path, monkeypat
         return 167.0 if dtype == torch.float32 else 142.0
 
     cal = runtime.cpu_precision(measure=slow_bf16)
-    assert cal.choice == "fp32" and cal.source == "measured" and len(calls) == 2
+    assert cal.choice == "fp32" and cal.source == "measured" and len(calls) == 4
     assert runtime.autocast_dtype(torch.device("cpu"), "auto") is None
     assert runtime.autocast_dtype(torch.device("cpu"), "bf16") is torch.bfloat16  # explicit choices stay
     monkeypatch.setattr(runtime, "_CALIBRATION", {})  # a new process: read from the cache, nothing measured
     again = runtime.cpu_precision(measure=slow_bf16)
-    assert again.choice == "fp32" and again.source == "cache" and len(calls) == 2
+    assert again.choice == "fp32" and again.source == "cache" and len(calls) == 4
     amx = runtime.cpu_precision(measure=lambda d: 150.0 if d == torch.float32 else 900.0, refresh=True)
     assert amx.choice == "bf16" and amx.bf16_gflops == 900.0
     assert runtime.autocast_dtype(torch.device("cpu"), "auto") is torch.bfloat16

@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=cli_train.int_at_least(1), default=None,
                    help="class heads of a multi-class system")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--recalibrate", action="store_true",
+                   help="measure fp32 against bf16 again for --precision auto (on a quiet machine)")
 
     p = sub.add_parser("demo", help="the main job on the embedded default (see README)")
     p.add_argument("--data", default=None, help="use your own dataset folder instead of the embedded default")
@@ -313,6 +315,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     if args.model is None and (args.backbone or args.mode or args.img_size or args.num_classes):
         raise ImedsamError("--backbone/--mode/--img-size/--num-classes describe a model: add --model NAME")
+    if args.recalibrate:
+        from imedsam.runtime import cpu_precision
+
+        cpu_precision(refresh=True)
     info = collect_info(model=args.model, backbone=args.backbone, mode=args.mode, img_size=args.img_size,
                         num_classes=args.num_classes)
     print(json.dumps(info, indent=2) if args.json else format_info(info))

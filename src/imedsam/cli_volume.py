@@ -22,9 +22,8 @@ def _refuse_2d_options(args: argparse.Namespace) -> None:
     if args.box is not None:
         raise ImedsamError(f"--box: {image} is a volume; give --box3d I0 J0 K0 I1 J1 K1 (voxel indices along the "
                            "file's axes, half-open), or --propagate from it")
-    if args.auto:
-        raise ImedsamError(f"--auto: automatic mode is for 2D images; prompt the volume {image} with --box3d or "
-                           "--point I J K LABEL")
+    if args.auto and (args.box3d or args.point or args.propagate):
+        raise ImedsamError("--auto: a prompt-free model takes no --box3d / --point / --propagate")
     for flag, given in (("--mask-input", args.mask_input), ("--size", args.size),
                         ("--uncertainty", args.uncertainty)):
         if given:
@@ -63,6 +62,8 @@ def segment_volume_command(args: argparse.Namespace, sample: Sample) -> int:
 
     _refuse_2d_options(args)
     _check_volume_outputs(args)
+    if args.auto:
+        return _segment_volume_auto(args, sample)
     frame = SliceFrame(args.axis)
     shape = tuple(int(n) for n in sample.geometry.shape)
     prompt = VolumePrompt(box3d=tuple(args.box3d) if args.box3d else None,
@@ -93,4 +94,34 @@ def segment_volume_command(args: argparse.Namespace, sample: Sample) -> int:
     if sample.geometry.spacing is not None:
         summary["volume_ml"] = round(voxels * float(np.prod(sample.geometry.spacing)) / 1000.0, 4)
     print(json.dumps({**summary, **written}))
+    return 0
+
+
+def _segment_volume_auto(args: argparse.Namespace, sample: Sample) -> int:
+    """A prompt-free multi-class system (MA-SAM) on a volume: sliding stacks of adjacent slices, probabilities
+    averaged, argmax written as a label volume (class ids) on the input's grid."""
+    from imedsam import io
+    from imedsam.models.registry import system_class
+
+    model = args.model or None
+    cls = system_class(model, adapter=args.adapter)
+    if not getattr(cls, "prompt_free", False) or not hasattr(cls, "predict_volume"):
+        raise ImedsamError(f"--auto: on a volume this needs a prompt-free volume model (a trained --model ma_sam "
+                           f"run, --adapter RUN); {model or args.adapter!r} is prompted: use --box3d or --point "
+                           "I J K LABEL")
+    if args.axis != "k":
+        raise ImedsamError("--axis: a prompt-free volume model runs across the axis it was trained on (k)")
+    display = io.to_display_volume(sample, window=parse_window(args.window))
+    seg = build_segmenter(args, model)
+    if not seg.system.prompt_free:
+        raise ImedsamError(f"--auto: {args.adapter!r} was trained with box prompts; give --box3d")
+    probs = seg.system.predict_volume(display, device=seg.device, amp_dtype=seg.amp_dtype)
+    labels = probs.argmax(0).numpy().astype(np.uint8 if probs.shape[0] <= 256 else np.uint16)
+    written = {"labels": str(io.write_volume(args.out, labels, like=sample).resolve())}
+    if args.overlay:
+        best = int(np.argmax((labels > 0).sum(axis=(1, 2))))
+        io.write_overlay(args.overlay, np.repeat(display[best][..., None], 3, axis=2), labels[best])
+        written.update(overlay=str(Path(args.overlay).resolve()), overlay_slice=best)
+    voxels = {int(c): int((labels == c).sum()) for c in np.unique(labels) if c > 0}
+    print(json.dumps({"voxels_per_class": voxels, **written}))
     return 0

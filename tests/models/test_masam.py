@@ -77,3 +77,121 @@ def test_multiclass_logits_on_stacks_and_gradients():
     assert boxed.prompt_types == {"box"} and not boxed.prompt_free
     out = boxed.class_logits(boxed.encode(torch.rand(2, 3, 64, 64)), boxes=torch.tensor([[4.0, 4, 40, 40]] * 2))
     assert out.shape == (2, 3, 64, 64)
+
+
+def test_predict_volume_averages_every_stack_holding_a_slice(monkeypatch):
+    """Sliding stacks against a hand computation: a fake head whose probability for class 1 is each slice's
+    position in its stack (0, 1/2, 1 for D = 3); slice z sees positions from the stacks centred on z-1, z, z+1."""
+    system = build_masam(MASAMConfig(backbone="tiny_tinyvit_test", stack_depth=3), pretrained=False)
+
+    def fake_stack_logits(images):
+        d = images.shape[1]
+        pos = torch.arange(d, dtype=torch.float32) / (d - 1)  # 0, 0.5, 1
+        p1 = pos.view(1, d, 1, 1, 1).expand(1, d, 1, 8, 8).clamp(1e-6, 1 - 1e-6)
+        return torch.cat([torch.log(1 - p1), torch.log(p1)], dim=2)  # softmax gives (1 - pos, pos)
+
+    monkeypatch.setattr(system, "stack_logits", fake_stack_logits)
+    probs = system.predict_volume(torch.zeros(5, 10, 12).numpy())
+    assert probs.shape == (2, 5, 10, 12)
+    # interior slice z: position 1 (stack at z-1), 0.5 (at z), 0 (at z+1) -> mean 0.5; slice 0: stack 0 holds it
+    # twice (edge repeated, positions 0 and 0.5) and stack 1 at position 0 -> (0 + 0.5 + 0) / 3
+    got = probs[1, :, 0, 0]
+    want = torch.tensor([(0 + 0.5 + 0) / 3, 0.5, 0.5, 0.5, (1 + 0.5 + 1) / 3])
+    assert torch.allclose(got, want, atol=1e-4)
+    assert torch.allclose(probs.sum(0), torch.ones(5, 10, 12), atol=1e-5)
+
+
+def test_stacks_dataset_items_and_one_augmentation_for_the_stack(tmp_path):
+    from tests.data.conftest import make_label_volume, write_nifti
+
+    from imedsam.data import discover
+    from imedsam.data.augment import AugmentConfig
+    from imedsam.data.stacks import StacksDataset, stack_indices
+
+    root = tmp_path / "Dataset003_S"
+    lab = make_label_volume()  # (6, 16, 20), classes 1 and 2
+    vol = (lab * 100 + 20).astype("float32")
+    write_nifti(root / "imagesTr" / "s_000_0000.nii.gz", vol)
+    write_nifti(root / "labelsTr" / "s_000.nii.gz", lab)
+    (root / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "a": 1, "b": 2},
+                                                   "channel_names": {"0": "MR"}, "file_ending": ".nii.gz"}))
+    assert stack_indices(0, 3, 6).tolist() == [0, 0, 1] and stack_indices(5, 5, 6).tolist() == [3, 4, 5, 5, 5]
+    ds = StacksDataset(discover(root), split="train", depth=3, size=(32, 32), seed=0, foreground_prob=0.0)
+    assert len(ds) == 6
+    item = ds[2]
+    assert item["image"].shape == (3, 3, 32, 32) and item["labels"].shape == (3, 32, 32)
+    assert item["labels"].dtype == torch.int64 and set(item["labels"].unique().tolist()) <= {0, 1, 2}
+    # item 2 is the stack of volume slices 1, 2, 3 (labels resized nearest, the image bilinear)
+    want = torch.nn.functional.interpolate(torch.from_numpy(lab[1:4].astype("float32"))[:, None], size=(32, 32),
+                                           mode="nearest")[:, 0].long()
+    assert torch.equal(item["labels"], want) and item["slice_index"] == 2
+    fg = item["labels"][1] > 0
+    assert item["image"][1, 0][fg].mean() > item["image"][1, 0][~fg].mean() + 30
+    aug = StacksDataset(discover(root), split="train", depth=3, size=(32, 32), seed=0, foreground_prob=1.0,
+                        augment=AugmentConfig(intensity=False))
+    for i in range(len(aug)):
+        it = aug[i]
+        assert it["labels"].any()  # foreground-biased: every stack centred on a labelled slice
+        # one geometric draw for the whole stack: the image still tells labels from background on every slice
+        for j in range(3):
+            fg = it["labels"][j] > 0
+            if fg.any() and (~fg).any():
+                assert it["image"][j, 0][fg].mean() > it["image"][j, 0][~fg].mean() + 30
+
+
+def test_ma_sam_trains_validates_on_volumes_and_resumes(tmp_path):
+    from tests.data.conftest import make_label_volume, write_nifti
+
+    from imedsam.train.api import run_training
+    from imedsam.train.config import load_config
+
+    root = tmp_path / "Dataset004_T"
+    lab = make_label_volume()
+    rng = __import__("numpy").random.default_rng(0)
+    for i in range(3):
+        write_nifti(root / "imagesTr" / f"t_{i:03d}_0000.nii.gz",
+                    (lab * 120 + rng.normal(20, 5, lab.shape)).astype("float32"))
+        write_nifti(root / "labelsTr" / f"t_{i:03d}.nii.gz", lab)
+    (root / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "a": 1, "b": 2},
+                                                   "channel_names": {"0": "MR"}, "file_ending": ".nii.gz"}))
+    cfg = load_config(None, ["model.system=ma_sam", "model.backbone=tiny_tinyvit_test", "model.stack_depth=3",
+                             "model.decoder.num_classes=2", "data.image_size=64", "optim.epochs=2",
+                             "optim.batch_size=2", "data.val_fraction=0.34", "run.device=cpu", "run.precision=fp32",
+                             "data.augment=false"])
+    result = run_training(cfg, root, tmp_path / "run")
+    assert result.epochs_done == 2 and all(h["val"]["n"] == 1 for h in result.history)
+    assert all(0.0 <= h["val"]["dice"] <= 1.0 for h in result.history)
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] < losses[0]  # it learns
+    from imedsam.models.registry import build_system
+
+    system = build_system(adapter=tmp_path / "run")
+    assert system.name == "ma_sam" and system.stack_depth == 3
+    from imedsam.infer.segmenter import Segmenter
+
+    assert Segmenter(adapter=str(tmp_path / "run"), device="cpu").system.name == "ma_sam"  # the run's model
+
+    # prompt-free on a volume: sliding stacks, a label volume on the input's grid
+    import nibabel as nib
+
+    from imedsam.cli import main
+
+    image = root / "imagesTr" / "t_000_0000.nii.gz"
+    out = tmp_path / "labels.nii.gz"
+    assert main(["segment", str(image), "--adapter", str(tmp_path / "run"), "--auto", "--out", str(out),
+                 "--device", "cpu"]) == 0
+    written = nib.load(str(out))
+    assert written.shape == nib.load(str(image)).shape
+    assert __import__("numpy").allclose(written.affine, nib.load(str(image)).affine)
+    assert set(__import__("numpy").unique(written.get_fdata()).tolist()) <= {0, 1, 2}
+    # scored per volume and class without a prompt
+    import json as _json
+
+    assert main(["evaluate", "--run", str(tmp_path / "run"), "--data", str(root), "--split", "all", "--volumes",
+                 "--prompt", "auto", "--out", str(tmp_path / "report"), "--device", "cpu"]) == 0
+    summary = _json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["config"]["prompt"] == "auto"
+    rows = list(__import__("csv").DictReader(open(tmp_path / "report" / "cases.csv")))
+    assert len(rows) == 6 and {r["class"] for r in rows} == {"1", "2"}  # 3 volumes x 2 classes
+    # a prompted model cannot run prompt-free on a volume
+    assert main(["segment", str(image), "--model", "litemedsam", "--auto", "--out", str(tmp_path / "x.nii.gz")]) == 2

@@ -211,10 +211,12 @@ class Augmenter:
     def apply(self, image: torch.Tensor | np.ndarray, mask: torch.Tensor | np.ndarray, *, seed: int,
               labels: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """One augmentation attempt (no emptiness check). Shapes as in the class docstring; ``labels=True``: the
-        mask is an integer label map (nearest interpolation keeps the ids) and comes back rounded, not binary."""
+        mask is an integer label map (nearest interpolation keeps the ids) and comes back rounded, not binary;
+        it may then have several channels (M, H, W), e.g. the labels of a stack of slices, all moved alike."""
         img = torch.as_tensor(np.asarray(image) if isinstance(image, np.ndarray) else image).float()
         msk = torch.as_tensor(np.asarray(mask) if isinstance(mask, np.ndarray) else mask).float()
-        if img.ndim != 3 or msk.ndim != 3 or msk.shape[0] != 1 or img.shape[1:] != msk.shape[1:]:
+        if (img.ndim != 3 or msk.ndim != 3 or (msk.shape[0] != 1 and not labels)
+                or img.shape[1:] != msk.shape[1:]):
             raise ImedsamError(f"augment: expected image (C, H, W) and mask (1, H, W) on the same grid, got "
                                f"{tuple(img.shape)} and {tuple(msk.shape)}")
         intensity, geometric, pipeline = self._build((int(img.shape[1]), int(img.shape[2])))

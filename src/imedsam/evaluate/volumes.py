@@ -12,7 +12,9 @@ scored in 3-D against the ground truth, with the volume's real spacing (distance
 * ``box3d``: the tight 3-D box of the object; every slice of its range is prompted with its 2-D extent;
 * ``propagate``: the tight box of the object on its middle slice (the middle of its extent across the axis),
   then each next slice prompted with the previous slice's predicted mask's box until the mask vanishes
-  (MedSAM's 3-D protocol).
+  (MedSAM's 3-D protocol);
+* ``auto``: no prompt, for prompt-free multi-class systems (MA-SAM): every class of the volume at once from
+  sliding stacks of adjacent slices (``predict_volume``), argmax.
 
 One row per (volume, class): Dice, IoU, HD95, HD (mm) and NSD (tolerance in mm), the slices prompted, the
 ground truth's slices. Means are over rows (volume x class) and per class.
@@ -37,13 +39,14 @@ from imedsam.models.views import FlipView
 
 log = logging.getLogger(__name__)
 
-VOLUME_PROTOCOLS: tuple[str, ...] = ("box", "box3d", "propagate")
+VOLUME_PROTOCOLS: tuple[str, ...] = ("box", "box3d", "propagate", "auto")
 
 
 def check_volume_protocol(name: str) -> str:
     if name not in VOLUME_PROTOCOLS:
         raise ImedsamError(f"--prompt {name!r}: with --volumes use one of {', '.join(VOLUME_PROTOCOLS)} (per-slice "
-                           "ground-truth boxes, one 3-D box, or one slice's box propagated)")
+                           "ground-truth boxes, one 3-D box, one slice's box propagated, or none: a prompt-free "
+                           "model)")
     return name
 
 
@@ -110,7 +113,14 @@ def evaluate_volume(system, case_id: str, image: np.ndarray, labels: np.ndarray,
     preds = {c: np.zeros(labels.shape, bool) for c in targets}
     prompted = dict.fromkeys(targets, 0)
     options = dict(device=device, amp_dtype=amp_dtype, seed=seed, views=views)
-    if protocol == "box":
+    if protocol == "auto":
+        if frame.array_axis != 0:
+            raise ImedsamError("--axis: a prompt-free volume model runs across the axis it was trained on (k)")
+        predicted = system.predict_volume(image, device=device, amp_dtype=amp_dtype).argmax(0).numpy()
+        for c in targets:
+            preds[c] = predicted == c
+            prompted[c] = 0
+    elif protocol == "box":
         for s in range(labels.shape[frame.array_axis]):
             on_slice = [c for c in targets if int(frame.take(gts[c], s).sum()) >= min_foreground]
             encoded = None
@@ -203,7 +213,12 @@ def run_volume_evaluation(*, run: str | None, model: str | None, checkpoint: str
     amp = autocast_dtype(dev, precision)
     system = (build_system(adapter=run, preprocess=preprocess) if run
               else build_system(model, checkpoint=checkpoint, preprocess=preprocess))
-    system.check_prompts(["box"])
+    if prompt == "auto":
+        if not (getattr(system, "prompt_free", False) and hasattr(system, "predict_volume")):
+            raise ImedsamError(f"--prompt auto: {run or model!r} needs a prompt; use --prompt box, box3d or "
+                               "propagate (auto is for prompt-free volume models, e.g. a trained ma_sam run)")
+    else:
+        system.check_prompts(["box"])
     prepare_for_inference(system, dev, amp)
     results = evaluate_volumes(system, cases, prompt, axis=axis, window=window, device=dev, amp_dtype=amp,
                                views=views, min_foreground=min_foreground, nsd_tolerance=nsd_tolerance,

@@ -66,7 +66,8 @@ class Segmenter:
     """Caches one image embedding and decodes prompts onto any grid of that image.
 
     Args:
-        model: a registry name (see ``imedsam info``) or an already built :class:`SegmentationSystem`.
+        model: a registry name (see ``imedsam info``), an already built :class:`SegmentationSystem`, or None: the
+            model ``adapter`` was trained as (``litemedsam`` without an adapter).
         checkpoint: base weights for the backbone (official SAM ``.pth``, LiteMedSAM ...); default per model.
         adapter: trained adapter weights (``adapter.safetensors`` of a run, or its folder) for adapted systems.
         device: ``auto``, ``cpu``, ``cuda`` or ``mps``.
@@ -78,12 +79,14 @@ class Segmenter:
             ``v``, ``hv`` such as ``"h,v"``; each flip adds one encoder pass per image. Box and point prompts only.
     """
 
-    def __init__(self, model: str | SegmentationSystem = "litemedsam", *, checkpoint: str | None = None,
+    def __init__(self, model: str | SegmentationSystem | None = None, *, checkpoint: str | None = None,
                  adapter: str | None = None, device: str = "auto", precision: str = "auto", seed: int = 0,
                  tta: str | None = None, **model_options) -> None:
         self.views = parse_tta(tta)
         self.device = resolve_device(device)
-        owned = isinstance(model, str)
+        if model is None and adapter is None:
+            model = "litemedsam"
+        owned = model is None or isinstance(model, str)
         if owned:
             from imedsam.models.registry import build_system
 

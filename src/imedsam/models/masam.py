@@ -37,7 +37,9 @@ import re
 from collections.abc import Mapping
 from typing import ClassVar, Literal
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from imedsam.errors import ImedsamError
@@ -187,6 +189,47 @@ class MASAM(SegmentationSystem):
                               else prob.new_zeros(()) for k in range(out.shape[1])])[None]
         return DecodeResult(logits=out, scores=scores)
 
+    def stack_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, D, 3, S, S)`` normalised stacks -> ``(B, D, num_classes + 1, S', S')`` class logits (prompt-free),
+        the D slices of each stack seen together by the 3-D adapters."""
+        b, d = images.shape[:2]
+        emb = self.encode(images.reshape(b * d, *images.shape[2:]), num_slices=d)
+        logits = self.class_logits(emb)
+        return logits.reshape(b, d, *logits.shape[1:])
+
+    @torch.inference_mode()
+    def predict_volume(self, volume: torch.Tensor | np.ndarray, *, device: torch.device | str = "cpu",
+                       amp_dtype: torch.dtype | None = None, stride: int = 1) -> torch.Tensor:
+        """Class probabilities of a uint8 ``(D, H, W)`` display volume, prompt-free (systems.md §C.7): a stack of
+        ``stack_depth`` slices centred on every ``stride``-th slice (edges repeated), each slice resized to the
+        encoder input S x S as in training (:class:`imedsam.data.stacks.StacksDataset`), its softmax
+        probabilities resized back to (H, W) and averaged over every stack that holds the slice. Returns
+        float32 ``(num_classes + 1, D, H, W)`` on the CPU; ``argmax(0)`` is the label volume."""
+        from imedsam.runtime import autocast
+
+        vol = torch.as_tensor(np.asarray(volume), dtype=torch.float32)
+        n, height, width = vol.shape
+        size = self.preprocess.img_size
+        depth = self.stack_depth
+        total = torch.zeros(self.num_classes + 1, n, height, width)
+        count = torch.zeros(n)
+        half = depth // 2
+        centres = list(range(0, n, max(1, stride)))
+        if centres[-1] != n - 1:
+            centres.append(n - 1)
+        for centre in centres:
+            idx = torch.clamp(torch.arange(centre - half, centre + half + 1), 0, n - 1)
+            x = F.interpolate(vol[idx][:, None], size=(size, size), mode="bilinear", align_corners=False)
+            x = self.preprocess.normalize_tensor(x.expand(-1, 3, -1, -1).contiguous().to(device))
+            with autocast(torch.device(device), amp_dtype):
+                logits = self.stack_logits(x[None])[0].float()  # (depth, K + 1, S', S')
+            prob = torch.softmax(F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False),
+                                 dim=1).cpu()
+            for j, z in enumerate(idx.tolist()):
+                total[:, z] += prob[j]
+                count[z] += 1
+        return total / count.clamp(min=1)[None, :, None, None]
+
     def param_groups(self) -> dict[str, list[torch.nn.Parameter]]:
         """Mask decoder + prompt encoder at ``optim.lr_decoder``; FacT and the 3-D adapters at ``optim.lr_adapter``."""
         groups: dict[str, list[torch.nn.Parameter]] = {"decoder": [], "adapters": []}
@@ -262,5 +305,5 @@ def breakdown(system: MASAM) -> dict[str, int]:
 
 SPEC = SystemSpec(name="ma_sam", cls=MASAM,
                   description="MA-SAM: FacT(q,v) + 3-D adapters over adjacent slices + multi-class prompt-free decoder",
-                  config=MASAMConfig, build=build_masam, breakdown=breakdown, objective="", vit_size=512,
+                  config=MASAMConfig, build=build_masam, breakdown=breakdown, objective="multiclass_stacks", vit_size=512,
                   options={"num_classes": "decoder.num_classes"})

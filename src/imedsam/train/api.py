@@ -45,6 +45,11 @@ def training_dataset(cfg: TrainConfig, index, objective_cls):
         mode = "both" if d.box_expand[1] > 0 and d.box_shift > 0 else ("shift" if d.box_shift > 0 else "expand")
         jitter = {"mode": mode, "expand": tuple(d.box_expand), "shift": d.box_shift}
     augment = d.augmentation if d.augment else None
+    if getattr(objective_cls, "items", None) == "stacks":
+        from imedsam.data.stacks import StacksDataset
+
+        return StacksDataset(index, split=d.train_split, depth=cfg.model.stack_depth, size=size, augment=augment,
+                             seed=cfg.run.seed, foreground_prob=cfg.objective.foreground_prob)
     common = dict(split=d.train_split, size=size, augment=augment, box_jitter=jitter, seed=cfg.run.seed,
                   min_foreground=d.min_foreground)
     masks_per_image = getattr(cfg.objective, "masks_per_image", None)
@@ -78,6 +83,27 @@ def make_validator(val_cases, protocols, *, size, device, amp, seed):
     return validate
 
 
+def make_volume_validator(val_refs, *, device, amp):
+    """Prompt-free multi-class systems (MA-SAM): ``validate(system) -> {"dice", "n"}``, the mean over the val
+    volumes of the mean over the classes present (in the ground truth or the prediction) of the 3-D Dice of
+    ``argmax`` of :meth:`predict_volume`."""
+    from imedsam.data.dataset import read_case
+
+    def validate(system) -> dict:
+        scores = []
+        for ref in val_refs:
+            image, labels = read_case(ref)
+            pred = system.predict_volume(image, device=device, amp_dtype=amp).argmax(0).numpy()
+            dice = []
+            for c in sorted(set(np.unique(labels).tolist()) | set(np.unique(pred).tolist()) - {0}):
+                g, p = labels == c, pred == c
+                dice.append(2.0 * float((g & p).sum()) / max(float(g.sum() + p.sum()), 1.0))
+            scores.append(float(np.mean(dice)) if dice else 1.0)
+        return {"dice": float(np.mean(scores)), "n": len(val_refs)}
+
+    return validate
+
+
 def run_training(cfg: TrainConfig, data: str | Path, out: str | Path, *, resume: bool = False,
                  allow_config_change: bool = False) -> TrainResult:
     """Train ``cfg.model`` on ``data`` (train split), select on the val split, write the run to ``out``
@@ -101,10 +127,12 @@ def run_training(cfg: TrainConfig, data: str | Path, out: str | Path, *, resume:
         index = hold_out_val(index, cfg.data.val_fraction, cfg.run.seed, cfg.data.train_split, cfg.data.val_split)
     train_set = training_dataset(cfg, index, objective_cls)
     val_cases = []
-    if cfg.data.val_split in index.counts():
+    stacks = getattr(objective_cls, "items", None) == "stacks"
+    val_refs = [c for c in index if c.split == cfg.data.val_split] if stacks else []
+    if cfg.data.val_split in index.counts() and not stacks:
         val_set = SegmentationDataset(index, split=cfg.data.val_split, min_foreground=cfg.data.min_foreground)
         val_cases = dataset_cases(val_set)
-    else:
+    elif not val_refs:
         log.warning("no %r split: the last checkpoint is kept, none is selected", cfg.data.val_split)
     if cfg.model.img_size is None:  # the encoder runs at the training grid; saved so inference rebuilds it
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"img_size": cfg.data.image_size})})
@@ -115,5 +143,7 @@ def run_training(cfg: TrainConfig, data: str | Path, out: str | Path, *, resume:
     size_val = tuple(cfg.run.val_size) if cfg.run.val_size else None
     validate = make_validator(val_cases, system.val_protocols, size=size_val, device=device, amp=amp,
                               seed=cfg.run.seed) if val_cases else None
+    if val_refs:
+        validate = make_volume_validator(val_refs, device=device, amp=amp)
     return train(system, objective_cls, train_set, validate, cfg, Path(out), resume=resume, data=data,
                  allow_config_change=allow_config_change)

@@ -3,6 +3,7 @@ name; a system names its objective in its registry entry (:class:`imedsam.models
 
 * ``implicit_points`` (I-MedSAM): coarse + fine losses on sampled query points of the implicit decoder.
 * ``iterative_clicks`` (SAM-Med2D): a box or point pass, then decoder-only passes with clicks from the error.
+* ``multiclass_stacks`` (MA-SAM): stacks of adjacent slices, CE + Dice over every class, prompt-free.
 
 A new objective is a module here with a class derived from :class:`~imedsam.train.objectives.base.Objective`
 and one line in :data:`OBJECTIVES`.
@@ -16,10 +17,12 @@ from imedsam.errors import ImedsamError
 from imedsam.train.objectives.base import Objective
 from imedsam.train.objectives.implicit_points import ImplicitPointsObjective
 from imedsam.train.objectives.iterative_clicks import IterativeClickObjective
+from imedsam.train.objectives.multiclass_stacks import MulticlassStacksObjective
 
 OBJECTIVES: dict[str, type[Objective]] = {
     "implicit_points": ImplicitPointsObjective,
     "iterative_clicks": IterativeClickObjective,
+    "multiclass_stacks": MulticlassStacksObjective,
 }
 
 __all__ = ["OBJECTIVES", "Objective", "get_objective", "objective_config"]

@@ -1,0 +1,99 @@
+"""``StacksDataset``: stacks of D adjacent slices of 3-D volumes with their multi-class labels (MA-SAM training).
+
+Each item is a dict:
+
+- ``"image"``: float32 ``(D, 3, S, S)``, the stack's slices on the display scale 0..255 (one intensity mapping per
+  volume, :func:`imedsam.io.images.to_display_volume`), gray replicated to RGB, resized to ``size`` (bilinear);
+- ``"labels"``: int64 ``(D, S, S)``, the label ids of the same slices (nearest);
+- ``"case_id"`` (str), ``"slice_index"`` (int, the centre slice).
+
+Slices are taken along the volume's first array axis (the file's third, ``k``). A stack is centred on its slice;
+at the volume's ends the edge slice is repeated. Sampling is foreground-biased: with probability
+``foreground_prob`` the centre is redrawn among the volume's slices that hold a label (MA-SAM samples around the
+foreground). Augmentation, when given, is ONE draw applied identically to every slice of the stack (geometric:
+image bilinear, labels nearest). Randomness is seeded per item from ``(seed, epoch, index)``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from imedsam.data.augment import AugmentConfig, Augmenter, sample_seed
+from imedsam.errors import ImedsamError
+
+__all__ = ["StacksDataset", "stack_indices"]
+
+
+def stack_indices(centre: int, depth: int, n_slices: int) -> np.ndarray:
+    """The ``depth`` slice indices of a stack centred on ``centre`` (odd ``depth``), edges repeated."""
+    half = depth // 2
+    return np.clip(np.arange(centre - half, centre + half + 1), 0, n_slices - 1)
+
+
+class StacksDataset(Dataset):
+    """See the module docstring. ``index``: a :class:`imedsam.data.folders.DatasetIndex` of 3-D cases."""
+
+    def __init__(self, index, *, split: str | None, depth: int, size: tuple[int, int],
+                 augment: AugmentConfig | None = None, seed: int = 0, foreground_prob: float = 0.5,
+                 window=None, cache_size: int = 8) -> None:
+        if depth < 1 or depth % 2 == 0:
+            raise ImedsamError(f"stack depth {depth}: must be odd (a centre slice and as many on each side)")
+        self.cases = [c for c in index if split is None or c.split == split]
+        if not self.cases:
+            raise ImedsamError(f"--data: no case in split {split!r} to train on")
+        self.depth, self.size, self.seed = depth, tuple(size), seed
+        self.foreground_prob, self.window = foreground_prob, window
+        self.augmenter = Augmenter(augment) if augment is not None else None
+        self.epoch = 0
+        self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
+        self._cache_size = cache_size
+        self.items: list[tuple[int, int]] = []
+        for i, case in enumerate(self.cases):
+            image, _, _ = self._load(i)
+            self.items.extend((i, z) for z in range(image.shape[0]))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _load(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(display uint8 (D, H, W), labels int64 (D, H, W), indices of the slices holding a label)."""
+        if i in self._cache:
+            self._cache.move_to_end(i)
+            return self._cache[i]
+        from imedsam.data.dataset import read_case
+
+        image, labels = read_case(self.cases[i], window=self.window)
+        if image.ndim != 3:
+            raise ImedsamError(f"{self.cases[i].image_path}: a 2-D image; stacks of slices need 3-D volumes")
+        labelled = np.nonzero(labels.reshape(labels.shape[0], -1).any(axis=1))[0]
+        self._cache[i] = (image, labels.astype(np.int64), labelled)
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return self._cache[i]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        case_index, centre = self.items[index]
+        rng = np.random.default_rng(sample_seed(self.seed, self.epoch, index))
+        image, labels, labelled = self._load(case_index)
+        if labelled.size and rng.random() < self.foreground_prob:
+            centre = int(labelled[rng.integers(labelled.size)])
+        idx = stack_indices(centre, self.depth, image.shape[0])
+        img = torch.from_numpy(image[idx].astype(np.float32))[:, None]  # (D, 1, H, W)
+        lab = torch.from_numpy(labels[idx])[:, None].float()  # (D, 1, H, W)
+        if img.shape[-2:] != self.size:
+            img = F.interpolate(img, size=self.size, mode="bilinear", align_corners=False)
+            lab = F.interpolate(lab, size=self.size, mode="nearest")
+        img, lab = img[:, 0], lab[:, 0]  # (D, S, S)
+        if self.augmenter is not None:  # one draw for the whole stack: slices as channels
+            img, lab = self.augmenter.apply(img, lab, seed=int(rng.integers(2**31)), labels=True)
+        return {"image": img[:, None].expand(-1, 3, -1, -1).contiguous(), "labels": lab.round().long(),
+                "case_id": self.cases[case_index].case_id, "slice_index": centre}

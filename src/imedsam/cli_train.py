@@ -90,7 +90,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "masks of a down-sampled dataset); 'native' is then each of these masks' grid")
     p.add_argument("--volumes", action="store_true",
                    help="3-D datasets: segment each volume slice by slice and score it per volume and class in 3-D "
-                        "(mm from its spacing); --prompt box (each slice's GT box) | box3d | propagate | auto (prompt-free)")
+                        "(mm from its spacing); --prompt box (each slice's GT box) | box3d | propagate | auto "
+                        "(prompt-free models)")
     p.add_argument("--axis", default="k", choices=("i", "j", "k"),
                    help="--volumes: slice across this file axis (default k, the third: axial for most CT/MR)")
     p.add_argument("--window", default=None,

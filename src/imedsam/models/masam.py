@@ -305,5 +305,6 @@ def breakdown(system: MASAM) -> dict[str, int]:
 
 SPEC = SystemSpec(name="ma_sam", cls=MASAM,
                   description="MA-SAM: FacT(q,v) + 3-D adapters over adjacent slices + multi-class prompt-free decoder",
-                  config=MASAMConfig, build=build_masam, breakdown=breakdown, objective="multiclass_stacks", vit_size=512,
+                  config=MASAMConfig, build=build_masam, breakdown=breakdown, objective="multiclass_stacks",
+                  vit_size=512,
                   options={"num_classes": "decoder.num_classes"})

@@ -39,10 +39,10 @@ def test_lesion_is_painted_inside_its_mask_only():
 def test_finetune_demo_trains_compares_and_reruns(tmp_path):
     from imedsam.demo import DEMO_PROMPTS, run_finetune_demo
 
-    tiny = ["model.backbone=tiny_tinyvit_test", "zero_shot_model=tiny_tinyvit_test", "optim.epochs=2",
-            "objective.iterations=1", "data.image_size=64", "run.val_every=1"]
+    tiny = ["model.backbone=tiny_tinyvit_test", "optim.epochs=2", "objective.iterations=1", "data.image_size=64",
+            "run.val_every=1"]
     data = make_synthetic_lesions(tmp_path / "data", n=10, size=64, seed=0)
-    summary = run_finetune_demo(tmp_path / "out", data, device="cpu", overrides=tiny)
+    summary = run_finetune_demo(tmp_path / "out", data, device="cpu", overrides=tiny, zero_shot="tiny_tinyvit_test")
     assert set(summary["compare"]) == set(DEMO_PROMPTS) == {"box", "points:1"}
     for prompt, scores in summary["compare"].items():
         assert set(scores) == {"zero_shot", "fine_tuned"} and all(0.0 <= v <= 1.0 for v in scores.values())
@@ -53,6 +53,7 @@ def test_finetune_demo_trains_compares_and_reruns(tmp_path):
     fine = json.loads((tmp_path / "out" / "report" / "fine_tuned_points1" / "prompts.json").read_text())
     zero = json.loads((tmp_path / "out" / "report" / "zero_shot_points1" / "prompts.json").read_text())
     assert fine == zero
-    again = run_finetune_demo(tmp_path / "out", data, device="cpu", overrides=tiny)  # resumes: nothing to redo
+    again = run_finetune_demo(tmp_path / "out", data, device="cpu", overrides=tiny,
+                              zero_shot="tiny_tinyvit_test")  # resumes: nothing to redo
     assert again["best_val_dice"] == summary["best_val_dice"]
     assert again["compare"] == summary["compare"]

@@ -69,14 +69,14 @@ DEMO_IMAGES, DEMO_SIZE = 60, 128
 
 
 def run_finetune_demo(out: Path, data: Path | None = None, device: str = "auto",
-                      overrides: list[str] | tuple[str, ...] = ()) -> dict:
+                      overrides: list[str] | tuple[str, ...] = (), zero_shot: str = "litemedsam") -> dict:
     """Fine-tune SAM-Med2D briefly on ``data`` (default: the synthetic lesions), then score zero-shot LiteMedSAM
     and the fine-tuned model side by side on the test split, from the tight box and from one random foreground
     point (the same points for both); returns a summary with ``compare`` = ``{prompt: {"zero_shot": Dice,
     "fine_tuned": Dice}}`` and one report (with best/median/worst overlays) per model and prompt.
 
-    ``overrides`` (``KEY=VALUE``) apply after the demo's own settings (tests use a tiny backbone and give the
-    zero-shot model with ``zero_shot_model=NAME``).
+    ``overrides`` (``KEY=VALUE``) apply after the demo's own settings; ``zero_shot`` is the model compared with
+    (tests use a tiny backbone for both).
     """
     from imedsam.data.synthetic import make_synthetic_lesions
     from imedsam.evaluate.api import run_evaluation
@@ -84,9 +84,6 @@ def run_finetune_demo(out: Path, data: Path | None = None, device: str = "auto",
     from imedsam.train.api import run_training
     from imedsam.train.config import load_config
 
-    overrides = list(overrides)
-    zero_shot = next((o.split("=", 1)[1] for o in overrides if o.startswith("zero_shot_model=")), "litemedsam")
-    overrides = [o for o in overrides if not o.startswith("zero_shot_model=")]
     synthetic = data is None
     if synthetic:
         data = out / "synthetic_lesions"

@@ -41,7 +41,7 @@ class StacksDataset(Dataset):
 
     def __init__(self, index, *, split: str | None, depth: int, size: tuple[int, int],
                  augment: AugmentConfig | None = None, seed: int = 0, foreground_prob: float = 0.5,
-                 window=None, cache_size: int = 8) -> None:
+                 window=None, cache_size: int = 64) -> None:
         if depth < 1 or depth % 2 == 0:
             raise ImedsamError(f"stack depth {depth}: must be odd (a centre slice and as many on each side)")
         self.cases = [c for c in index if split is None or c.split == split]
@@ -65,7 +65,9 @@ class StacksDataset(Dataset):
         return len(self.items)
 
     def _load(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(display uint8 (D, H, W), labels int64 (D, H, W), indices of the slices holding a label)."""
+        """(display uint8 (D, H, W), labels (D, H, W) in a small int type, indices of the slices holding a label).
+        Volumes stay cached (``cache_size`` of them): counting the slices at construction reads each once, and
+        shuffled training then draws from memory."""
         if i in self._cache:
             self._cache.move_to_end(i)
             return self._cache[i]
@@ -75,7 +77,8 @@ class StacksDataset(Dataset):
         if image.ndim != 3:
             raise ImedsamError(f"{self.cases[i].image_path}: a 2-D image; stacks of slices need 3-D volumes")
         labelled = np.nonzero(labels.reshape(labels.shape[0], -1).any(axis=1))[0]
-        self._cache[i] = (image, labels.astype(np.int64), labelled)
+        small = np.uint8 if labels.max() < 256 else np.int32  # ids as read; int64 only per item
+        self._cache[i] = (image, labels.astype(small), labelled)
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return self._cache[i]
@@ -88,7 +91,7 @@ class StacksDataset(Dataset):
             centre = int(labelled[rng.integers(labelled.size)])
         idx = stack_indices(centre, self.depth, image.shape[0])
         img = torch.from_numpy(image[idx].astype(np.float32))[:, None]  # (D, 1, H, W)
-        lab = torch.from_numpy(labels[idx])[:, None].float()  # (D, 1, H, W)
+        lab = torch.from_numpy(labels[idx].astype(np.float32))[:, None]  # (D, 1, H, W)
         if img.shape[-2:] != self.size:
             img = F.interpolate(img, size=self.size, mode="bilinear", align_corners=False)
             lab = F.interpolate(lab, size=self.size, mode="nearest")

@@ -119,7 +119,6 @@ def evaluate_volume(system, case_id: str, image: np.ndarray, labels: np.ndarray,
         predicted = system.predict_volume(image, device=device, amp_dtype=amp_dtype).argmax(0).numpy()
         for c in targets:
             preds[c] = predicted == c
-            prompted[c] = 0
     elif protocol == "box":
         for s in range(labels.shape[frame.array_axis]):
             on_slice = [c for c in targets if int(frame.take(gts[c], s).sum()) >= min_foreground]

@@ -176,6 +176,14 @@ def output_path(out_dir: Path, name: str, source: Path, is_volume: bool) -> Path
     return out_dir / f"{name}{suffix if suffix in _VOLUME_OUT else '.nii.gz'}"
 
 
+def _is_volume(path: Path) -> bool:
+    """A DICOM series folder or a volume file (by suffix) is a volume; images and single DICOM files are 2-D."""
+    from imedsam.io import VOLUME_SUFFIXES
+    from imedsam.io.atomic import full_suffix
+
+    return path.is_dir() or full_suffix(path) in VOLUME_SUFFIXES
+
+
 def _find_label_file(folder: Path, name: str) -> Path:
     from imedsam.io.atomic import full_suffix
 
@@ -280,15 +288,15 @@ def predict_folder(seg, in_dir: str | Path, out_dir: str | Path, *,
         kind = "auto" if auto is not None else ("labels" if boxes_from is not None else "prompts")
         row = {"case": name, "prompt": kind, "objects": "", "score": "", "seconds": "", "status": "", "output": ""}
         try:
-            sample = io.read(path)
-            target = output_path(out, name, path, sample.is_volume)
+            target = output_path(out, name, path, _is_volume(path))
             row["output"] = target.name
-            if target.exists() and not settings.overwrite:
+            if target.exists() and not settings.overwrite:  # decided from the name: a skip reads nothing
                 row["status"] = "skipped (output exists; --overwrite to redo)"
                 counts["skipped"] += 1
                 rows.append(row)
                 _write_csv(out / "predictions.csv", rows)
                 continue
+            sample = io.read(path)
             require_finite(sample.array, str(path))
             objects = None
             if prompts is not None:

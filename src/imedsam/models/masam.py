@@ -217,10 +217,10 @@ class MASAM(SegmentationSystem):
         centres = list(range(0, n, max(1, stride)))
         if centres[-1] != n - 1:
             centres.append(n - 1)
+        resized = F.interpolate(vol[:, None], size=(size, size), mode="bilinear", align_corners=False)  # once
         for centre in centres:
             idx = torch.clamp(torch.arange(centre - half, centre + half + 1), 0, n - 1)
-            x = F.interpolate(vol[idx][:, None], size=(size, size), mode="bilinear", align_corners=False)
-            x = self.preprocess.normalize_tensor(x.expand(-1, 3, -1, -1).contiguous().to(device))
+            x = self.preprocess.normalize_tensor(resized[idx].expand(-1, 3, -1, -1).to(device))
             with autocast(torch.device(device), amp_dtype):
                 logits = self.stack_logits(x[None])[0].float()  # (depth, K + 1, S', S')
             prob = torch.softmax(F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False),

@@ -87,7 +87,7 @@ def prepare_image(image: np.ndarray, preprocess, device: torch.device | str = "c
             (use :func:`imedsam.io.to_display_rgb` for CT/MR); ``"minmax"`` (LiteMedSAM) rescales it anyway.
         preprocess: the backbone's :class:`imedsam.sam.model.Preprocess` (img_size, normalize, pixel mean/std).
     """
-    if getattr(preprocess, "pipeline", "imedsam") == "official":
+    if preprocess.pipeline == "official":
         return _prepare_official(image, preprocess, device)
     rgb = as_rgb_float(image)
     height, width = rgb.shape[:2]

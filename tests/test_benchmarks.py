@@ -29,3 +29,48 @@ def test_benchmark_imports_resolve(script: Path) -> None:
                     except ImportError:
                         missing.append(f"{node.module}.{alias.name} (line {node.lineno})")
     assert not missing, f"{script.name}: " + "; ".join(missing)
+
+
+LA_MRI = Path(__file__).resolve().parents[2] / "shared" / "data" / "la-mri"
+LA_METHODS = ("ma_sam_auto", "ma_sam_box3d", "litemedsam_box", "litemedsam_propagate", "imedsam_box")
+
+
+@pytest.mark.skipif(not LA_MRI.is_dir(), reason=f"{LA_MRI} not found (the real LA MRI volumes)")
+def test_la_mri_benchmark_quick_rows(tmp_path: Path) -> None:
+    """`benchmarks/la_mri.py --quick --totalseg` end to end (a few training steps at 64 px on cropped volumes):
+    every method has a line with a finite Dice in [0, 1] and its per-volume lines, or a stated reason; every line
+    carries its protocol, the CPU facts and the --quick warning."""
+    import json
+    import math
+    import subprocess
+    import sys
+
+    script = BENCHMARKS[0].parent / "la_mri.py"
+    done = subprocess.run([sys.executable, str(script), "--quick", "--totalseg", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert lines and all(line["quick"] is True and "meaningless" in line["note"] for line in lines)
+    assert all(line["cpu"]["auto_precision"] in ("fp32", "bf16") for line in lines)
+    methods = {line["method"]: line for line in lines if line["row"] == "method"}
+    assert set(methods) == set(LA_METHODS)
+    for name, line in methods.items():
+        protocol = line["protocol"]
+        assert {"split", "prompt", "metrics", "resolution", "precision", "intensity"} <= set(protocol), name
+        if "skipped" in line:
+            assert isinstance(line["skipped"], str) and len(line["skipped"]) > 20, name
+            continue
+        assert math.isfinite(line["dice"]) and 0.0 <= line["dice"] <= 1.0, name
+        volumes = [v for v in lines if v["row"] == "volume" and v["method"] == name]
+        assert len(volumes) == line["volumes"] == 2 and all(0.0 <= v["dice"] <= 1.0 for v in volumes), name
+        assert all(v["protocol"] == protocol for v in volumes)
+    for name in ("ma_sam_auto", "litemedsam_box", "litemedsam_propagate"):  # these always run
+        assert "skipped" not in methods[name], methods[name]
+    assert "not available" in methods["ma_sam_box3d"]["skipped"]
+    assert "percentiles" in methods["litemedsam_box"]["protocol"]["intensity"]  # LGE-MRI: not CT
+    train = next(line for line in lines if line["row"] == "train" and line["method"] == "ma_sam_auto")
+    assert train["steps"] == 2 and train["budget_minutes"] == 1.0
+    smoke = next(line for line in lines if line["row"] == "smoke")
+    assert smoke["classes"] == 41 and 0.0 <= smoke["dice_mean_over_classes"] <= 1.0
+    assert "soft_tissue" in smoke["intensity"]  # the example CT, declared CT in its dataset.json
+    assert (tmp_path / "results.jsonl").read_text().count("\n") == len(lines)

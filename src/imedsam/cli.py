@@ -15,7 +15,7 @@ import logging  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from imedsam.cli_common import build_segmenter, check_outputs, parse_window  # noqa: E402
+from imedsam.cli_common import build_segmenter, check_outputs, parse_window, system_class_for  # noqa: E402
 from imedsam.errors import ImedsamError  # noqa: E402
 
 log = logging.getLogger("imedsam")
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="imedsam", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="verb", required=True)
-    from imedsam import cli_train
+    from imedsam import cli_export, cli_train
 
     p = sub.add_parser("segment", help="segment a 2D image (PNG/JPG/TIF/BMP/DICOM slice) from a box, points, a "
                                        "previous mask, or automatically; or a volume (NIfTI, MHA/NRRD, DICOM "
@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="display window for CT/MR: soft_tissue | lung | bone | brain | CENTER,WIDTH")
     p.add_argument("--multimask", action="store_true", help="let SAM propose 3 masks and keep the best-scored")
     _add_model_args(p)
+    cli_export.add_runtime_args(p)
     cli_train.add_decoding_args(p)
 
     p = sub.add_parser("predict", help="segment every image and volume of a folder with one model loaded once "
@@ -126,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--multimask", action="store_true", help="let SAM propose 3 masks and keep the best-scored")
     _add_auto_args(p)
     _add_model_args(p)
+    cli_export.add_runtime_args(p)
     cli_train.add_decoding_args(p)
 
     p = sub.add_parser("info", help="models, weights found, device and versions")
@@ -146,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
 
     cli_train.add_parsers(sub)
+    cli_export.add_parsers(sub)
+    from imedsam import cli_serve
+
+    cli_serve.add_parsers(sub)
     return parser
 
 
@@ -168,7 +174,6 @@ def cmd_segment(args: argparse.Namespace) -> int:
     import numpy as np
 
     from imedsam import io
-    from imedsam.models.registry import system_class
 
     prompts = [name for name, given in (("--box", args.box), ("--point", args.point),
                                         ("--mask-input", args.mask_input), ("--box3d", args.box3d)) if given]
@@ -210,8 +215,18 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if args.uncertainty and not args.uncertainty.lower().endswith(".png"):
         raise ImedsamError(f"--uncertainty {args.uncertainty}: the map is written as PNG (+ .npy beside it); use a "
                            ".png file name")
+    dicom_seg = args.out.lower().endswith(".dcm")
+    if dicom_seg:
+        from imedsam.io.dicom_seg import check_dicom_seg
+
+        if args.size:
+            raise ImedsamError(f"--out {args.out}: a DICOM-SEG lies on its source image's grid; drop --size or "
+                               "write .png")
+        check_dicom_seg(sample, f"--out {args.out}")
+    elif not args.out.lower().endswith(".png"):
+        raise ImedsamError(f"--out {args.out}: a 2D mask is written as .png (or .dcm: a DICOM-SEG of a DICOM input)")
     model = args.model or ("litemedsam" if args.adapter is None else None)
-    cls = system_class(model, adapter=args.adapter)
+    cls = system_class_for(args, model)
     kinds = [k for k, given in (("box", args.box), ("points", args.point), ("mask", args.mask_input)) if given]
     if args.auto:
         kinds = ["points"]
@@ -237,13 +252,18 @@ def cmd_segment(args: argparse.Namespace) -> int:
     seg = build_segmenter(args, model)
     seg.set_image(rgb)
     if args.auto:
-        return _segment_auto(args, seg, rgb)
+        return _segment_auto(args, seg, rgb, sample)
     pred = seg.predict(box=args.box, points=points, point_labels=labels, mask_input=mask_input,
                        multimask=args.multimask, size=tuple(args.size) if args.size else None,
                        uncertainty=bool(args.uncertainty), min_component=args.min_component)
     best = int(np.argmax(pred.scores))
     mask = pred.masks[best]
-    io.write_mask(args.out, mask)
+    if dicom_seg:
+        from imedsam.io.dicom_seg import source_headers, write_dicom_seg
+
+        write_dicom_seg(args.out, mask.astype(np.uint8), source_headers(sample))
+    else:
+        io.write_mask(args.out, mask)
     written = {"mask": str(Path(args.out).resolve())}
     if args.overlay:
         from imedsam.io.images import resize_rgb
@@ -260,7 +280,6 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from imedsam.infer.folder import FolderSettings, list_cases, load_prompt_file, predict_folder
-    from imedsam.models.registry import system_class
 
     src, out = Path(args.input).resolve(), Path(args.output).resolve()
     if out == src or src in out.parents:
@@ -273,7 +292,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.boxes_from and not Path(args.boxes_from).is_dir():
         raise ImedsamError(f"--boxes-from {args.boxes_from}: not a folder of label maps")
     model = args.model or ("litemedsam" if args.adapter is None else None)
-    cls = system_class(model, adapter=args.adapter)
+    cls = system_class_for(args, model)
     kinds = {"points"} if args.auto else {"box"} if args.boxes_from else {
         kind for objs in prompts.values() for o in objs
         for kind, given in (("box", o.box or o.box3d), ("points", o.points)) if given}
@@ -294,13 +313,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0 if summary["failed"] == 0 else 1
 
 
-def _segment_auto(args: argparse.Namespace, seg, rgb) -> int:
+def _segment_auto(args: argparse.Namespace, seg, rgb, sample) -> int:
     from imedsam import io
     from imedsam.infer.automatic import generate_masks, label_map
 
     masks = generate_masks(seg, _auto_settings(args))
     labels = label_map(masks, seg.original_size)
-    io.write_mask(args.out, labels if labels.max() > 1 else labels.astype(bool))
+    if args.out.lower().endswith(".dcm"):
+        from imedsam.io.dicom_seg import source_headers, write_dicom_seg
+
+        write_dicom_seg(args.out, labels, source_headers(sample))
+    else:
+        io.write_mask(args.out, labels if labels.max() > 1 else labels.astype(bool))
     written = {"labels": str(Path(args.out).resolve())}
     if args.overlay:
         io.write_overlay(args.overlay, rgb, labels)
@@ -344,6 +368,12 @@ def main(argv: list[str] | None = None) -> int:
     from imedsam import cli_train
 
     handlers.update(cli_train.HANDLERS)
+    from imedsam import cli_export
+
+    handlers.update(cli_export.HANDLERS)
+    from imedsam import cli_serve
+
+    handlers.update(cli_serve.HANDLERS)
     try:
         return handlers[args.verb](args)
     except ImedsamError as exc:

@@ -49,12 +49,35 @@ def model_options(args: argparse.Namespace) -> dict:
     return options
 
 
+def system_class_for(args: argparse.Namespace, model: str | None):
+    """The class of the system a verb will run (its capabilities), without building it: the model of
+    ``--model``/``--adapter``, or with ``--runtime onnx`` the one recorded in ``--onnx-dir``'s manifest."""
+    if getattr(args, "runtime", "torch") == "onnx":
+        from imedsam.infer.onnx_manifest import read_manifest
+        from imedsam.infer.onnx_runtime import onnx_system_class
+
+        if args.onnx_dir is None:
+            raise ImedsamError("--runtime onnx: give the exported folder with --onnx-dir DIR")
+        return onnx_system_class(read_manifest(args.onnx_dir)[1], args.onnx_dir)
+    from imedsam.models.registry import system_class
+
+    return system_class(model, adapter=args.adapter)
+
+
 def build_segmenter(args: argparse.Namespace, model: str | None):
-    """The :class:`~imedsam.infer.segmenter.Segmenter` the model options of a verb ask for (``--adaptive`` set)."""
+    """The :class:`~imedsam.infer.segmenter.Segmenter` the model options of a verb ask for (``--adaptive`` set;
+    ``--runtime onnx``: the export in ``--onnx-dir``, with ``--model`` only if given)."""
     from imedsam.infer.segmenter import Segmenter
 
+    runtime = getattr(args, "runtime", "torch")
+    if runtime == "onnx":
+        model = args.model  # not the litemedsam default: the export names its model
+        if getattr(args, "adaptive", False):
+            raise ImedsamError("--adaptive: not available with --runtime onnx (the exported implicit decoder "
+                               "evaluates every pixel); drop --adaptive")
     seg = Segmenter(model, checkpoint=args.checkpoint, adapter=args.adapter, device=args.device,
-                    precision=args.precision, tta=args.tta, **model_options(args))
+                    precision=args.precision, tta=args.tta, runtime=runtime,
+                    onnx_dir=getattr(args, "onnx_dir", None), **model_options(args))
     if getattr(args, "adaptive", False):
         from imedsam.models.imedsam import set_adaptive_decoding
 

@@ -36,8 +36,7 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
                         "logits of the image and its flipped copies averaged; one encoder pass per view)")
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="adapt a model on a dataset folder (images/+masks/ or nnU-Net raw)")
+def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="YAML config (see configs/); default: built-in defaults")
     p.add_argument("--data", required=True, help="dataset folder with splits (splits.json or nnU-Net layout)")
     p.add_argument("--out", required=True,
@@ -47,7 +46,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-config-change", action="store_true",
                    help="with --resume: continue with a changed config or data (not exact; both configs are kept)")
     p.add_argument("--device", default=None, help="override run.device (auto | cpu | cuda | mps)")
+    p.add_argument("--nproc", type=int_at_least(1), default=None, metavar="N",
+                   help="train in N processes on this machine (one per GPU; gloo on CPU), as torchrun "
+                        "--nproc-per-node N would; optim.batch_size stays the global batch (divisible by N)")
     p.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE, e.g. optim.epochs=5")
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="adapt a model on a dataset folder (images/+masks/ or nnU-Net raw); several "
+                                     "processes: --nproc N or torchrun -m imedsam train")
+    _add_train_args(p)
 
     p = sub.add_parser("evaluate", help="score a trained run or a zero-shot model on a dataset split")
     src = p.add_mutually_exclusive_group(required=True)
@@ -158,11 +166,49 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     if args.allow_config_change and not args.resume:
         raise ImedsamError("--allow-config-change goes with --resume")
+    if args.nproc is not None and args.nproc > 1:
+        return _launch_processes(args, cfg)
     result = run_training(cfg, args.data, args.out, resume=args.resume,
                           allow_config_change=args.allow_config_change)
-    print(json.dumps({"run": str(Path(result.run_dir).resolve()), "epochs": result.epochs_done,
-                      "best_val_dice": result.best_score, "seconds": round(result.seconds, 1)}))
+    if result.rank == 0:  # one line per run, from the main process
+        print(json.dumps({"run": str(Path(result.run_dir).resolve()), "epochs": result.epochs_done,
+                          "best_val_dice": result.best_score, "seconds": round(result.seconds, 1)}))
     return 0
+
+
+def train_argv(args: argparse.Namespace) -> list[str]:
+    """The ``imedsam`` arguments of this ``train`` command less ``--nproc`` (each process's command line),
+    rebuilt from the parsed options so that abbreviations and ``--opt=value`` forms come out plain."""
+    parser = argparse.ArgumentParser(add_help=False)
+    _add_train_args(parser)
+    argv = (["-v"] if getattr(args, "verbose", False) else []) + ["train"]
+    positional: list[str] = []
+    for action in parser._actions:
+        value = getattr(args, action.dest)
+        if action.dest == "nproc":
+            continue
+        if not action.option_strings:
+            positional += list(value)
+        elif action.nargs == 0:
+            argv += [action.option_strings[-1]] if value else []
+        elif value is not None and value != action.default:
+            argv += [action.option_strings[-1], str(value)]
+    return argv + positional
+
+
+def _launch_processes(args: argparse.Namespace, cfg) -> int:
+    """``--nproc N``: check what can be checked here, then start the N processes (:mod:`imedsam.train.launch`)."""
+    from imedsam.train import distributed, launch
+    from imedsam.train.loop import precheck_run
+    from imedsam.train.shards import per_rank_batch
+
+    if distributed.launched():
+        raise ImedsamError(f"--nproc: this process is already one of {distributed.env_world_size()} started by "
+                           "torchrun; drop --nproc")
+    per_rank_batch(cfg.optim.batch_size, args.nproc)
+    launch.check_processes(args.nproc, cfg.run.device)
+    precheck_run(args.out, args.resume)
+    return launch.launch(args.nproc, train_argv(args))
 
 
 def _volume_only_flags(args: argparse.Namespace) -> None:

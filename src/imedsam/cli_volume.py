@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imedsam.cli_common import build_segmenter, check_outputs, parse_window
+from imedsam.cli_common import build_segmenter, check_outputs, parse_window, system_class_for
 from imedsam.errors import ImedsamError
 from imedsam.io.sample import Sample
 
@@ -33,12 +33,17 @@ def _refuse_2d_options(args: argparse.Namespace) -> None:
         raise ImedsamError(f"--point: {image} is a volume: give I J K LABEL (voxel indices) per point, got {bad}")
 
 
-def _check_volume_outputs(args: argparse.Namespace) -> None:
+def _check_volume_outputs(args: argparse.Namespace, sample: Sample) -> None:
     from imedsam.io.atomic import full_suffix
 
-    if full_suffix(Path(args.out)) not in LABEL_SUFFIXES:
+    if full_suffix(Path(args.out)) == ".dcm":
+        from imedsam.io.dicom_seg import check_dicom_seg
+
+        check_dicom_seg(sample, f"--out {args.out}")
+    elif full_suffix(Path(args.out)) not in LABEL_SUFFIXES:
         raise ImedsamError(f"--out {args.out}: a volume's labels are written as a volume; use one of "
-                           f"{', '.join(LABEL_SUFFIXES)} (e.g. labels.nii.gz)")
+                           f"{', '.join(LABEL_SUFFIXES)} (e.g. labels.nii.gz), or .dcm (a DICOM-SEG of a DICOM "
+                           "series)")
     if full_suffix(Path(args.out)) in (".mha", ".nrrd"):
         try:
             import SimpleITK  # noqa: F401
@@ -58,10 +63,9 @@ def segment_volume_command(args: argparse.Namespace, sample: Sample) -> int:
     from imedsam import io
     from imedsam.data.volume_prompts import SliceFrame, VolumePrompt, check_volume_prompt, planned_slices
     from imedsam.infer.volume import segment_volume_with
-    from imedsam.models.registry import system_class
 
     _refuse_2d_options(args)
-    _check_volume_outputs(args)
+    _check_volume_outputs(args, sample)
     if args.auto:
         return _segment_volume_auto(args, sample)
     frame = SliceFrame(args.axis)
@@ -71,7 +75,7 @@ def segment_volume_command(args: argparse.Namespace, sample: Sample) -> int:
                           propagate=args.propagate)
     check_volume_prompt(prompt, shape)
     model = args.model or ("litemedsam" if args.adapter is None else None)
-    cls = system_class(model, adapter=args.adapter)
+    cls = system_class_for(args, model)
     for kind, flag, given in (("box", "--box3d", args.box3d or args.propagate), ("points", "--point", args.point)):
         if given and kind not in cls.prompt_types:
             raise ImedsamError(f"{flag}: model {model or args.adapter!r} cannot use a {kind} prompt")
@@ -81,7 +85,7 @@ def segment_volume_command(args: argparse.Namespace, sample: Sample) -> int:
     with tqdm(total=planned_slices(prompt, frame, shape), unit="slice", desc="segment", leave=False) as bar:
         mask, _ = segment_volume_with(seg, display, prompt, frame, multimask=args.multimask,
                                       min_component=args.min_component, on_slice=lambda s, m: bar.update(1))
-    written = {"labels": str(io.write_volume(args.out, mask.astype(np.uint8), like=sample).resolve())}
+    written = {"labels": str(_write_labels(args.out, mask.astype(np.uint8), sample).resolve())}
     areas = mask.sum(axis=tuple(a for a in range(3) if a != frame.array_axis))
     if args.overlay:
         best = int(np.argmax(areas))
@@ -101,10 +105,9 @@ def _segment_volume_auto(args: argparse.Namespace, sample: Sample) -> int:
     """A prompt-free multi-class system (MA-SAM) on a volume: sliding stacks of adjacent slices, probabilities
     averaged, argmax written as a label volume (class ids) on the input's grid."""
     from imedsam import io
-    from imedsam.models.registry import system_class
 
     model = args.model or None
-    cls = system_class(model, adapter=args.adapter)
+    cls = system_class_for(args, model)
     if not getattr(cls, "prompt_free", False) or not hasattr(cls, "predict_volume"):
         raise ImedsamError(f"--auto: on a volume this needs a prompt-free volume model (a trained --model ma_sam "
                            f"run, --adapter RUN); {model or args.adapter!r} is prompted: use --box3d or --point "
@@ -117,7 +120,7 @@ def _segment_volume_auto(args: argparse.Namespace, sample: Sample) -> int:
         raise ImedsamError(f"--auto: {args.adapter!r} was trained with box prompts; give --box3d")
     probs = seg.system.predict_volume(display, device=seg.device, amp_dtype=seg.amp_dtype)
     labels = probs.argmax(0).numpy().astype(np.uint8 if probs.shape[0] <= 256 else np.uint16)
-    written = {"labels": str(io.write_volume(args.out, labels, like=sample).resolve())}
+    written = {"labels": str(_write_labels(args.out, labels, sample).resolve())}
     if args.overlay:
         best = int(np.argmax((labels > 0).sum(axis=(1, 2))))
         io.write_overlay(args.overlay, np.repeat(display[best][..., None], 3, axis=2), labels[best])
@@ -125,3 +128,14 @@ def _segment_volume_auto(args: argparse.Namespace, sample: Sample) -> int:
     voxels = {int(c): int((labels == c).sum()) for c in np.unique(labels) if c > 0}
     print(json.dumps({"voxels_per_class": voxels, **written}))
     return 0
+
+
+def _write_labels(out: str, labels: np.ndarray, sample: Sample) -> Path:
+    """The label volume on the input's grid: a volume file, or a DICOM-SEG (``.dcm``) of a DICOM series."""
+    if out.lower().endswith(".dcm"):
+        from imedsam.io.dicom_seg import source_headers, write_dicom_seg
+
+        return write_dicom_seg(out, labels, source_headers(sample))
+    from imedsam import io
+
+    return io.write_volume(out, labels, like=sample)

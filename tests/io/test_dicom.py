@@ -102,6 +102,7 @@ def _write_series(folder, zs, *, iop=(1, 0, 0, 0, 1, 0), uid=None):
         ds.ImageOrientationPatient = [float(v) for v in iop]
         ds.ImagePositionPatient = [float(v) for v in origin + z * normal]
         ds.InstanceNumber = i + 1
+        ds.SOPInstanceUID = pydicom.uid.generate_uid(entropy_srcs=[str(uid), str(iop), str(z), name])
         if uid is not None:
             ds.SeriesInstanceUID = uid
         ds.PixelData = (base.pixel_array + i).astype(np.int16).tobytes()

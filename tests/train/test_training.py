@@ -3,34 +3,18 @@
 import csv
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from imedsam.train.api import run_training
 from imedsam.train.config import load_config
+from tests.train.discs import write_discs
 
 
 @pytest.fixture(scope="module")
 def disc_dataset(tmp_path_factory):
     """16 gray 64x64 images with a bright disc (the mask), random centres and radii; splits.json 10/3/3."""
-    root = tmp_path_factory.mktemp("discs")
-    (root / "images").mkdir()
-    (root / "masks").mkdir()
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:64, :64]
-    stems = []
-    for i in range(16):
-        cy, cx, r = rng.integers(20, 44), rng.integers(20, 44), rng.integers(8, 16)
-        mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
-        image = (40 + 150 * mask + rng.normal(0, 10, mask.shape)).clip(0, 255).astype(np.uint8)
-        stem = f"case{i:02d}"
-        Image.fromarray(image).save(root / "images" / f"{stem}.png")
-        Image.fromarray((mask * 255).astype(np.uint8)).save(root / "masks" / f"{stem}.png")
-        stems.append(stem)
-    (root / "splits.json").write_text(json.dumps({"train": stems[:10], "val": stems[10:13], "test": stems[13:]}))
-    return root
+    return write_discs(tmp_path_factory.mktemp("discs"), 16, 10, 3, seed=0)
 
 
 def _config(**extra):

@@ -407,20 +407,26 @@ def sample_training_points(
     n_band = int(round(n_points * boundary_fraction))
     n_box = int(round(n_points * box_fraction))
     flat_mask = m.reshape(b, hh * ww)
+    # draws happen on the generator's device (a CPU generator may drive CUDA masks), then move to the mask's
+    gen_dev = generator.device if generator is not None else dev
+
+    def randint(low: int, high: int, n: int) -> torch.Tensor:
+        return torch.randint(low, high, (n,), generator=generator, device=gen_dev).to(dev)
+
     all_idx = []
     for bi in range(b):
-        uni = torch.randint(0, hh * ww, (n_points,), generator=generator, device=dev)
+        uni = randint(0, hh * ww, n_points)
         band_idx = band[bi].nonzero().squeeze(1)
         if n_band > 0 and band_idx.numel() > 0:
-            pick = torch.randint(0, band_idx.numel(), (n_band,), generator=generator, device=dev)
+            pick = randint(0, band_idx.numel(), n_band)
             uni = torch.cat((band_idx[pick], uni[n_band:]))
         if n_box > 0:
             assert boxes is not None
             x0, y0, x1, y1 = boxes[bi].tolist()  # half-open: pixels x0 <= x < x1, y0 <= y < y1
             x0, x1 = (min(max(int(round(v)), 0), ww - 1) for v in (x0, x1 - 1))
             y0, y1 = (min(max(int(round(v)), 0), hh - 1) for v in (y0, y1 - 1))
-            ys = torch.randint(y0, max(y1, y0) + 1, (n_box,), generator=generator, device=dev)
-            xs = torch.randint(x0, max(x1, x0) + 1, (n_box,), generator=generator, device=dev)
+            ys = randint(y0, max(y1, y0) + 1, n_box)
+            xs = randint(x0, max(x1, x0) + 1, n_box)
             uni = torch.cat((uni[:n_band], ys * ww + xs, uni[n_band + n_box :]))
         all_idx.append(uni)
     index = torch.stack(all_idx)  # (B, N)

@@ -32,6 +32,7 @@ import io as _io
 import json
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -283,35 +284,55 @@ def predict_folder(seg, in_dir: str | Path, out_dir: str | Path, *,
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     counts = {"done": 0, "skipped": 0, "failed": 0}
-    for name, path in tqdm(cases, desc="predict", unit="case", disable=not progress):
+    targets = [output_path(out, name, path, _is_volume(path)) for name, path in cases]
+    todo = [settings.overwrite or not t.exists() for t in targets]  # decided from the name: a skip reads nothing
+
+    def load(name: str, path: Path):
+        """Read a case and its prompts (run one case ahead in a reader thread, beside the model's work)."""
+        sample = io.read(path)
+        require_finite(sample.array, str(path))
+        objects = None
+        if prompts is not None:
+            if name not in prompts:
+                raise ImedsamError(f"no entry {name!r} in the prompt file")
+            objects = prompts[name]
+        elif boxes_from is not None:
+            lab_path = _find_label_file(Path(boxes_from), name)
+            lab = normalize_mask(io.read(lab_path).array, source=lab_path, ndim=sample.geometry.ndim)
+            if tuple(lab.shape) != tuple(sample.geometry.shape):
+                raise ImedsamError(f"{lab_path}: label map shape {lab.shape} differs from the image's "
+                                   f"{tuple(sample.geometry.shape)}")
+            objects = prompts_from_labels(lab, propagate=settings.propagate)
+            if not objects:
+                raise ImedsamError(f"{lab_path}: no labelled object to take a box from")
+        return sample, objects
+
+    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imedsam-read")
+    pending: dict[int, Future] = {}
+
+    def read_ahead(i: int) -> None:
+        nxt = next((j for j in range(i, len(cases)) if todo[j]), None)
+        if nxt is not None and nxt not in pending:
+            pending[nxt] = reader.submit(load, *cases[nxt])
+
+    read_ahead(0)
+    for i, (name, path) in enumerate(tqdm(cases, desc="predict", unit="case", disable=not progress)):
         start = time.perf_counter()
         kind = "auto" if auto is not None else ("labels" if boxes_from is not None else "prompts")
-        row = {"case": name, "prompt": kind, "objects": "", "score": "", "seconds": "", "status": "", "output": ""}
+        row = {"case": name, "prompt": kind, "objects": "", "score": "", "seconds": "", "status": "",
+               "output": targets[i].name}
         try:
-            target = output_path(out, name, path, _is_volume(path))
-            row["output"] = target.name
-            if target.exists() and not settings.overwrite:  # decided from the name: a skip reads nothing
+            target = targets[i]
+            if not todo[i]:
                 row["status"] = "skipped (output exists; --overwrite to redo)"
                 counts["skipped"] += 1
                 rows.append(row)
                 _write_csv(out / "predictions.csv", rows)
                 continue
-            sample = io.read(path)
-            require_finite(sample.array, str(path))
-            objects = None
-            if prompts is not None:
-                if name not in prompts:
-                    raise ImedsamError(f"no entry {name!r} in the prompt file")
-                objects = prompts[name]
-            elif boxes_from is not None:
-                lab_path = _find_label_file(Path(boxes_from), name)
-                lab = normalize_mask(io.read(lab_path).array, source=lab_path, ndim=sample.geometry.ndim)
-                if tuple(lab.shape) != tuple(sample.geometry.shape):
-                    raise ImedsamError(f"{lab_path}: label map shape {lab.shape} differs from the image's "
-                                       f"{tuple(sample.geometry.shape)}")
-                objects = prompts_from_labels(lab, propagate=settings.propagate)
-                if not objects:
-                    raise ImedsamError(f"{lab_path}: no labelled object to take a box from")
+            read_ahead(i)
+            future = pending.pop(i)
+            read_ahead(i + 1)
+            sample, objects = future.result()
             labels, score = _predict_case(seg, sample, objects, auto, settings)
             labels = labels.astype(np.uint8) if labels.max() <= 255 else labels
             if sample.is_volume:
@@ -328,4 +349,5 @@ def predict_folder(seg, in_dir: str | Path, out_dir: str | Path, *,
         row["seconds"] = round(time.perf_counter() - start, 3)
         rows.append(row)
         _write_csv(out / "predictions.csv", rows)
+    reader.shutdown(cancel_futures=True)
     return {"cases": len(cases), **counts, "csv": str((out / "predictions.csv").resolve())}

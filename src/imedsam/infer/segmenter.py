@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 
@@ -62,6 +63,25 @@ class Interaction:
     prediction: Prediction
 
 
+@dataclass(frozen=True)
+class ImageState:
+    """One image's embedding (one entry per test-time-augmentation view), as :meth:`Segmenter.image_state` gives.
+
+    ``nbytes`` is what the embedding tensors hold, for caches bounded by memory."""
+
+    views: tuple[EncodedView, ...]
+
+    @property
+    def nbytes(self) -> int:
+        total = 0
+        for v in self.views:
+            emb = v.embedding
+            tensors = emb if isinstance(emb, (list, tuple)) else (
+                list(emb.values()) if isinstance(emb, dict) else [emb])
+            total += sum(t.element_size() * t.nelement() for t in tensors if isinstance(t, torch.Tensor))
+        return total
+
+
 class Segmenter:
     """Caches one image embedding and decodes prompts onto any grid of that image.
 
@@ -77,12 +97,22 @@ class Segmenter:
         seed: seed of the Monte-Carlo dropout passes (uncertainty), so that repeated calls agree.
         tta: flip test-time augmentation (:mod:`imedsam.models.views`): ``None``/``"none"``, or flips among ``h``,
             ``v``, ``hv`` such as ``"h,v"``; each flip adds one encoder pass per image. Box and point prompts only.
+        runtime: ``"torch"``, or ``"onnx"``: the export in ``onnx_dir`` (``imedsam export --format onnx``) run by
+            onnxruntime in fp32 (:mod:`imedsam.infer.onnx_runtime`); it holds its weights, so ``checkpoint``,
+            ``adapter`` and model options are refused, and ``model`` may only repeat its name.
     """
 
     def __init__(self, model: str | SegmentationSystem | None = None, *, checkpoint: str | None = None,
                  adapter: str | None = None, device: str = "auto", precision: str = "auto", seed: int = 0,
-                 tta: str | None = None, **model_options) -> None:
+                 tta: str | None = None, runtime: str = "torch", onnx_dir: str | None = None,
+                 **model_options) -> None:
         self.views = parse_tta(tta)
+        if runtime != "torch" or onnx_dir is not None:
+            from imedsam.infer.onnx_runtime import load_onnx_runtime_system
+
+            model = load_onnx_runtime_system(runtime, onnx_dir, model=model, checkpoint=checkpoint, adapter=adapter,
+                                             device=device, precision=precision, **model_options)
+            device, precision = "cpu", "fp32"  # torch only maps prompts and restores logits around the graphs
         self.device = resolve_device(device)
         if model is None and adapter is None:
             model = "litemedsam"
@@ -115,6 +145,29 @@ class Segmenter:
             self._encoded = encode_views(self.system, np.asarray(image), self.views, self.device)
         self._prepared = self._encoded[0].prepared
         self._history = []
+
+    # ------------------------------------------------------------------------------------- shared models
+    def fork(self) -> "Segmenter":
+        """A Segmenter on the same model (weights shared, nothing copied) with its own image and interaction.
+
+        Servers keep one model per process and one fork per user session; forks used from different threads
+        must not share an image state object while one of them calls ``set_image``."""
+        twin = copy.copy(self)
+        twin._prepared, twin._encoded, twin._history = None, [], []
+        return twin
+
+    @property
+    def image_state(self) -> ImageState:
+        """The cached embedding of the current image (opaque; reusable with :meth:`set_image_state`)."""
+        self._require_image()
+        return ImageState(tuple(self._encoded))
+
+    def set_image_state(self, state: ImageState, history: list[Interaction] | None = None) -> None:
+        """Use an embedding computed earlier (by this Segmenter or a fork of it), with the interaction
+        ``history`` (a :attr:`history` kept from an earlier call on the same image), or a fresh one."""
+        self._encoded = list(state.views)
+        self._prepared = self._encoded[0].prepared
+        self._history = list(history or [])
 
     def predict(self, box=None, points=None, point_labels=None, mask_input=None, *, multimask: bool = False,
                 size: tuple[int, int] | None = None, uncertainty: bool = False,

@@ -78,3 +78,14 @@ def check_writable(path: str | os.PathLike, argument: str = "output") -> Path:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ImedsamError(f"{argument}: {parent} is not writable; choose an output in a writable folder")
     return target
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """SHA-256 hex digest of a file, read in 1 MiB blocks (checkpoint manifests, export manifests)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -7,7 +7,8 @@ Array conventions (what ``read_image`` returns in ``Sample.array``):
 * color images: ``(H, W, 3)`` uint8 RGB. RGBA and LA lose their alpha channel (dropped, not composited);
   palette images become gray (uint8) when every palette entry is gray, RGB otherwise; CMYK/YCbCr become RGB.
 * JPEG/TIFF EXIF orientation is applied (the array is what a viewer shows), recorded in ``meta["exif_transposed"]``.
-* multi-page TIFF: the first page only (``meta["n_frames"]`` says how many there are).
+* multi-page TIFF: the first page only (``meta["n_frames"]`` says how many there are);
+* a file of an nnU-Net raw dataset: ``meta["channel_name"]``, its channel as ``dataset.json`` names it.
 
 Geometry: ``shape`` is ``(H, W)``; ``spacing`` is ``(row spacing, column spacing)`` in mm, taken only from a TIFF
 XResolution/YResolution with ResolutionUnit inch or centimetre, else ``None`` (distances are then in pixels).
@@ -24,6 +25,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from imedsam.errors import ImedsamError
 from imedsam.io.atomic import atomic_write
+from imedsam.io.nnunet import declared_channel, is_ct_channel
 from imedsam.io.sample import Geometry, Sample
 from imedsam.io.windowing import Window, apply_window, resolve_window
 
@@ -68,6 +70,9 @@ def read_image(path: str | os.PathLike) -> Sample:
     if spacing is not None and orientation in (5, 6, 7, 8):  # rotated by 90 degrees: rows and columns swap
         spacing = (spacing[1], spacing[0])
     geometry = Geometry(shape=tuple(int(s) for s in array.shape[:2]), spacing=spacing, source=p)
+    channel = declared_channel(p)
+    if channel is not None:  # a file of an nnU-Net raw dataset (imedsam.io.nnunet)
+        meta["channel_name"] = channel
     return Sample(array=array, geometry=geometry, meta=meta)
 
 
@@ -256,6 +261,19 @@ def write_overlay(path: str | os.PathLike, image_rgb: np.ndarray, mask: np.ndarr
 # --------------------------------------------------------------------------------------------------- display
 
 
+#: the display window of volumes whose nnU-Net dataset declares them CT (``channel_names`` "CT"), when no window
+#: is given and the file has none: MedSAM's (and LiteMedSAM's) CT preprocessing, level 40 / width 400 HU, i.e.
+#: [-160, 240] HU (MA-SAM clips BTCV at [-200, 250]). A fixed HU window is the same for every volume and needs
+#: no dataset statistics, so a lone file of the dataset is mapped as in training.
+CT_DEFAULT_WINDOW = "soft_tissue"
+
+#: the percentiles of the default mapping of MR and of anything not declared CT (MedSAM's MR preprocessing)
+PERCENTILES: tuple[float, float] = (0.5, 99.5)
+
+#: voxels windowed at a time by :func:`to_display_volume` (bounds its float32 temporaries to 16 MB each)
+_CHUNK_VOXELS = 1 << 22
+
+
 def _robust_range(values: np.ndarray) -> tuple[float, float]:
     finite = values[np.isfinite(values)]
     if finite.size == 0:
@@ -274,6 +292,8 @@ def to_display_rgb(sample: Sample | np.ndarray, *, window: Window | None = None)
     * ``window`` (``(center, width)`` or a name from ``CT_WINDOWS``) maps ``[c - w/2, c + w/2]`` to 0..255;
       without it, a ``Sample`` whose ``meta["window"]`` is set (``read_dicom`` sets it) uses that window;
     * otherwise uint8 is kept as is and bool becomes 0/255;
+    * other data whose nnU-Net dataset declares it CT (``meta["channel_name"]``, :mod:`imedsam.io.nnunet`) gets
+      :data:`CT_DEFAULT_WINDOW`;
     * any other dtype is mapped linearly from its 0.5th..99.5th percentiles (finite values; all channels
       together for color) to 0..255 and clipped: robust to a few extreme voxels (CT padding, MR hot spots).
       A constant image becomes 0.
@@ -298,6 +318,8 @@ def to_display_rgb(sample: Sample | np.ndarray, *, window: Window | None = None)
         raise ImedsamError(f"to_display_rgb needs (H, W) or (H, W, 3), got shape {arr.shape}")
     if window is None and meta.get("window") is not None:
         window = tuple(meta["window"])
+    if window is None and arr.dtype not in (np.uint8, bool) and is_ct_channel(meta.get("channel_name")):
+        window = CT_DEFAULT_WINDOW  # an nnU-Net dataset declares it CT (display_window)
     if window is not None:
         center, width = resolve_window(window)
         out = apply_window(arr, center, width)
@@ -315,28 +337,109 @@ def to_display_rgb(sample: Sample | np.ndarray, *, window: Window | None = None)
     return np.ascontiguousarray(out, dtype=np.uint8)
 
 
+def display_window(sample: Sample, window: Window | None = None) -> tuple[Window | None, str]:
+    """The window that :func:`to_display_volume` (and :func:`to_display_rgb`) applies to ``sample`` and where it
+    comes from, in order: ``window`` (``"--window"``), the file's own (``"file"``: DICOM WindowCenter/Width);
+    then, without either, uint8 data is kept as is (``(None, "uint8 kept as is")``); else the CT default
+    :data:`CT_DEFAULT_WINDOW` when the sample's nnU-Net dataset declares its channel CT (``"dataset.json: CT"``,
+    :mod:`imedsam.io.nnunet`); else ``(None, "percentiles 0.5-99.5")``: the finite values' 0.5th..99.5th
+    percentiles (MR and everything else)."""
+    if window is not None:
+        return window, "--window"
+    if sample.meta.get("window") is not None:
+        w = sample.meta["window"]
+        return (w if isinstance(w, str) else tuple(w)), "file"
+    dtype = np.asarray(sample.array).dtype
+    if dtype == np.uint8 or dtype == bool:
+        return None, "uint8 kept as is" if dtype == np.uint8 else "bool as 0/255"
+    channel = sample.meta.get("channel_name")
+    if is_ct_channel(channel):
+        return CT_DEFAULT_WINDOW, f"dataset.json: {channel}"
+    return None, f"percentiles {PERCENTILES[0]:g}-{PERCENTILES[1]:g}"
+
+
+def intensity_rule(sample: Sample, window: Window | None = None) -> str:
+    """One line for reports: how :func:`to_display_volume` maps ``sample`` to 0..255."""
+    chosen, source = display_window(sample, window)
+    if chosen is None:
+        return source if source.startswith(("uint8", "bool")) else f"{source} of the volume mapped to 0..255"
+    center, width = resolve_window(chosen)
+    name = f"{chosen} " if isinstance(chosen, str) else ""
+    return f"window {name}(center {center:g}, width {width:g}) from {source}"
+
+
+def _exact_int_percentiles(arr: np.ndarray, q: tuple[float, ...]) -> tuple[float, ...]:
+    """``np.percentile(arr, q)`` (linear interpolation) of an integer array of at most 16 bits, exactly, from a
+    histogram of its values built a chunk at a time (no copy of the array)."""
+    lo, hi = int(arr.min()), int(arr.max())
+    counts = np.zeros(hi - lo + 1, np.int64)
+    flat = arr.reshape(-1)
+    for start in range(0, flat.size, _CHUNK_VOXELS):
+        chunk = flat[start:start + _CHUNK_VOXELS].astype(np.int32) - lo
+        counts += np.bincount(chunk, minlength=counts.size)
+    cum = np.cumsum(counts)
+
+    def order_statistic(k: int) -> int:  # the k-th smallest value (0-based)
+        return lo + int(np.searchsorted(cum, k, side="right"))
+
+    out = []
+    for p in q:
+        pos = p / 100.0 * (flat.size - 1)
+        i = int(np.floor(pos))
+        low, high = order_statistic(i), order_statistic(min(i + 1, flat.size - 1))
+        out.append(float(low + (pos - i) * (high - low)))
+    return tuple(out)
+
+
+def _percentile_range(arr: np.ndarray) -> tuple[float, float] | None:
+    """(lo, hi) of the default mapping: the finite values' :data:`PERCENTILES`, or their min and max when those
+    are equal; None without a finite value. Integer volumes need no copy; float ones one (np.percentile's)."""
+    if arr.size == 0:
+        return None
+    if arr.dtype.kind in "iu" and arr.dtype.itemsize <= 2:
+        lo, hi = _exact_int_percentiles(arr, PERCENTILES)
+        vals = arr
+    else:
+        floating = np.issubdtype(arr.dtype, np.floating)
+        vals = arr[np.isfinite(arr)] if floating and not np.isfinite(arr).all() else arr
+        if vals.size == 0:
+            return None
+        lo, hi = (float(v) for v in np.percentile(vals, PERCENTILES))
+    if hi <= lo:
+        lo, hi = float(vals.min()), float(vals.max())
+    return lo, hi
+
+
 def to_display_volume(sample: Sample, *, window: Window | None = None) -> np.ndarray:
     """uint8 ``(D, H, W)`` from a volume sample, with ONE intensity mapping for the whole volume (so every slice,
-    in training and at inference, sees the same scale): ``window`` (``(center, width)`` or a CT window name),
-    else the file's window (``meta["window"]``, DICOM), else uint8 as is, else the volume's 0.5..99.5
-    percentiles of its finite values (MR and any unwindowed data). A constant volume becomes 0."""
+    in training and at inference, sees the same scale), chosen by :func:`display_window`: ``window``
+    (``(center, width)`` or a CT window name), else the file's window (``meta["window"]``, DICOM), else uint8 as
+    is, else :data:`CT_DEFAULT_WINDOW` when the volume's nnU-Net dataset declares it CT, else the volume's
+    0.5..99.5 percentiles of its finite values (MR and any other data). A constant volume becomes 0.
+
+    Memory: the mapping runs a block of slices at a time into the uint8 result, and the percentiles of 8/16-bit
+    integer volumes come from a histogram, so the peak beyond the input and the output is a few float32 blocks."""
     arr = np.asarray(sample.array)
-    w = window if window is not None else sample.meta.get("window")
+    w, _ = display_window(sample, window)
     if w is None and arr.dtype == np.uint8:
         return arr
+    if w is None and arr.dtype == bool:
+        return arr.astype(np.uint8) * np.uint8(255)
     if w is not None:
-        center, width = resolve_window(tuple(w) if not isinstance(w, str) else w)
+        center, width = resolve_window(w)
     else:
-        vals = arr[np.isfinite(arr)] if np.issubdtype(arr.dtype, np.floating) else arr
-        if vals.size == 0:
+        found = _percentile_range(arr)
+        if found is None or found[1] <= found[0]:
             return np.zeros(arr.shape, np.uint8)
-        lo, hi = (float(v) for v in np.percentile(vals, [0.5, 99.5]))
-        if hi <= lo:
-            lo, hi = float(vals.min()), float(vals.max())
-        if hi <= lo:
-            return np.zeros(arr.shape, np.uint8)
+        lo, hi = found
         center, width = (lo + hi) / 2.0, hi - lo
-    return apply_window(arr, center, width)
+    if arr.ndim == 0 or arr.size == 0:
+        return apply_window(arr, center, width)
+    out = np.empty(arr.shape, np.uint8)
+    step = max(1, _CHUNK_VOXELS // max(1, arr[0].size))
+    for start in range(0, arr.shape[0], step):
+        out[start:start + step] = apply_window(arr[start:start + step], center, width)
+    return out
 
 
 def write_uncertainty(path: str | os.PathLike, uncertainty: np.ndarray) -> dict[str, str]:

@@ -5,7 +5,8 @@ NIfTI that is nibabel's ``(X, Y, Z)`` data transposed, ``array[k, j, i] == nifti
 order SimpleITK's ``GetArrayFromImage`` returns. ``geometry.spacing`` is ``(dz, dy, dx)`` in mm (norms of the
 affine's columns, reversed), ``geometry.affine`` is the file's RAS+ affine (index order (x, y, z)), and
 ``origin``/``direction`` are the LPS values SimpleITK would report (see ``Geometry``). Values keep the file's
-dtype; NIfTI scaling (scl_slope/scl_inter) is applied when set (then float32).
+dtype; NIfTI scaling (scl_slope/scl_inter) is applied when set (then float32). A file of an nnU-Net raw dataset
+carries the channel name its ``dataset.json`` declares in ``meta["channel_name"]`` (:mod:`imedsam.io.nnunet`).
 
 Writing (``write_volume``) puts a (D, H, W) array back on the grid of a ``like`` sample: NIfTI gets the same
 qform/sform (and codes) as the file ``like`` was read from, or ``like.geometry.affine`` when it did not come from
@@ -26,6 +27,7 @@ import numpy as np
 from imedsam.errors import ImedsamError
 from imedsam.io.atomic import atomic_write, full_suffix
 from imedsam.io._geometry import affine_to_itk, as_tuple_matrix, itk_to_affine
+from imedsam.io.nnunet import declared_channel
 from imedsam.io.sample import Geometry, Sample
 
 logger = logging.getLogger(__name__)
@@ -63,10 +65,18 @@ def read_volume(path: str | os.PathLike) -> Sample:
         raise ImedsamError(f"file not found: {p}")
     suffix = full_suffix(p)
     if suffix in NIFTI_SUFFIXES:
-        return _read_nifti(p)
+        return _declared(_read_nifti(p), p)
     if suffix in ITK_SUFFIXES:
-        return _read_itk(p)
+        return _declared(_read_itk(p), p)
     raise ImedsamError(f"unsupported volume file {p}: use one of {', '.join(VOLUME_SUFFIXES)} or a DICOM folder")
+
+
+def _declared(sample: Sample, p: Path) -> Sample:
+    """``meta["channel_name"]``: the channel its nnU-Net ``dataset.json`` declares (:mod:`imedsam.io.nnunet`)."""
+    channel = declared_channel(p)
+    if channel is not None:
+        sample.meta["channel_name"] = channel
+    return sample
 
 
 def _to_3d(data: np.ndarray, p: Path) -> np.ndarray:

@@ -86,6 +86,9 @@ class SegmentationSystem(nn.Module):
     has_uncertainty: ClassVar[bool] = False
     #: the evaluation protocols validation averages (:mod:`imedsam.data.interaction`), e.g. ("box", "points:1")
     val_protocols: ClassVar[tuple[str, ...]] = ("box",)
+    #: submodules a training forward runs on a data-dependent part of the batch, or skips: their BatchNorm keeps
+    #: per-process statistics in multi-process training (:func:`imedsam.train.sync.global_batchnorm`)
+    batch_conditional_modules: ClassVar[tuple[str, ...]] = ()
 
     config: Any = None
     preprocess = None

@@ -85,6 +85,8 @@ class IMedSAM(SegmentationSystem):
     prompt_types: ClassVar[frozenset[str]] = frozenset({"box", "points", "mask"})
     has_uncertainty: ClassVar[bool] = True
     val_protocols: ClassVar[tuple[str, ...]] = ("box",)
+    #: the fine branch runs on the uncertain points selected per process (none at all without dropout)
+    batch_conditional_modules: ClassVar[tuple[str, ...]] = ("decoder.fine_trunk", "decoder.fine_heads")
 
     def __init__(self, sam: SamModel, config: IMedSAMConfig) -> None:
         super().__init__()
@@ -152,7 +154,8 @@ class IMedSAM(SegmentationSystem):
     # ----------------------------------------------------------------- training
     def forward_train(self, images: torch.Tensor, boxes: torch.Tensor, masks: torch.Tensor, *, n_points: int,
                       boundary_fraction: float = 0.5, box_fraction: float = 0.0,
-                      generator: torch.Generator | None = None):
+                      generator: torch.Generator | None = None,
+                      points: tuple[torch.Tensor, torch.Tensor] | None = None):
         """One training forward on ``n_points`` sampled query points per image.
 
         Args:
@@ -160,13 +163,17 @@ class IMedSAM(SegmentationSystem):
             boxes: (B, 4) xyxy in encoder-input pixels. masks: (B, 1, S, S) {0, 1} targets.
             boundary_fraction, box_fraction: shares of the points drawn near mask boundaries and inside the
             box (:func:`imedsam.decoders.implicit.sample_training_points`); the rest are uniform.
+            points: the query points and their targets, ``(coords (B, N, 2), targets (B, N))``, already drawn
+            (a process of a multi-process run draws them for the global batch); ``masks`` is then not read.
         Returns:
             coarse logits (B, 1, N), fine logits (B, 1, N), targets (B, 1, N).
         """
         embeddings = self.encode(images)
         features, pe, prior = self._features(embeddings, Prompts(boxes=boxes.view(-1, 1, 4)))
-        coords, targets = sample_training_points(masks, n_points, boundary_fraction, generator=generator,
-                                                 boxes=boxes, box_fraction=box_fraction)
+        if points is None:
+            points = sample_training_points(masks, n_points, boundary_fraction, generator=generator, boxes=boxes,
+                                            box_fraction=box_fraction)
+        coords, targets = points
         coords = coords.to(features.device)
         out = self.decoder(features, pe, coords=coords)
         coarse, fine = out.coarse_logits, out.fine_logits

@@ -152,9 +152,14 @@ class FrequencyStream(nn.Module):
         self.reference = bool(reference)
         self.log_amplitude = bool(log_amplitude)
 
+    def image(self, images: torch.Tensor, valid_hw) -> torch.Tensor:
+        """The frequency image ``(B, 3, S, S)`` of the encoder input (:func:`frequency_image`); a subclass may
+        compute the same function another way (the ONNX export's DFT matrices, :mod:`imedsam.export.dft`)."""
+        return frequency_image(images, reference=self.reference, log_amplitude=self.log_amplitude,
+                               valid_hw=valid_hw)
+
     def begin(self, encoder: nn.Module, images: torch.Tensor, ctx) -> None:
-        freq = frequency_image(images, reference=self.reference, log_amplitude=self.log_amplitude,
-                               valid_hw=ctx.valid_hw)
+        freq = self.image(images, ctx.valid_hw)
         if hasattr(encoder, "embed"):  # ViT
             ctx.state[STREAM_KEY] = encoder.embed(freq)
             return

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from imedsam.errors import ImedsamError
 from imedsam.train.config import TrainConfig
 from imedsam.train.loop import TrainResult, seed_everything, train
+
+if TYPE_CHECKING:
+    from imedsam.train.distributed import DistContext
 
 log = logging.getLogger(__name__)
 
@@ -108,15 +112,31 @@ def run_training(cfg: TrainConfig, data: str | Path, out: str | Path, *, resume:
                  allow_config_change: bool = False) -> TrainResult:
     """Train ``cfg.model`` on ``data`` (train split), select on the val split, write the run to ``out``
     (``resume``: continue it from its newest checkpoint; the config and data must be the run's unless
-    ``allow_config_change``)."""
+    ``allow_config_change``).
+
+    Started by torchrun (``WORLD_SIZE`` > 1), every process calls this: they join one process group for the
+    call and train on the global batch ``optim.batch_size`` together (:mod:`imedsam.train.loop`); rank 0 writes
+    the run. The result's ``rank`` says which process returned it."""
+    from imedsam.train import distributed
+    from imedsam.train.shards import per_rank_batch
+
+    if distributed.launched():  # every process refuses at once, before waiting for the others
+        per_rank_batch(cfg.optim.batch_size, distributed.env_world_size())
+    with distributed.session(cfg.run.device) as dist:
+        return _run_training(cfg, data, out, resume=resume, allow_config_change=allow_config_change, dist=dist)
+
+
+def _run_training(cfg: TrainConfig, data: str | Path, out: str | Path, *, resume: bool, allow_config_change: bool,
+                  dist: DistContext | None) -> TrainResult:
     from imedsam.data import SegmentationDataset, discover
     from imedsam.data.cases import dataset_cases
     from imedsam.models.registry import build_system, get_system
     from imedsam.runtime import autocast_dtype, resolve_device
+    from imedsam.train.distributed import on_main
     from imedsam.train.loop import precheck_run
     from imedsam.train.objectives import get_objective
 
-    precheck_run(out, resume)
+    on_main(dist, lambda: precheck_run(out, resume))
     spec = get_system(cfg.model.system)
     objective_cls = get_objective(spec.objective, spec.name)
     index = discover(data)
@@ -138,7 +158,7 @@ def run_training(cfg: TrainConfig, data: str | Path, out: str | Path, *, resume:
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"img_size": cfg.data.image_size})})
     seed_everything(cfg.run.seed)  # the adapters' and decoder's random initialisation is seeded too
     system = build_system(config=cfg.model)
-    device = resolve_device(cfg.run.device)
+    device = resolve_device(cfg.run.device) if dist is None else dist.device
     amp = autocast_dtype(device, cfg.run.precision)
     size_val = tuple(cfg.run.val_size) if cfg.run.val_size else None
     validate = make_validator(val_cases, system.val_protocols, size=size_val, device=device, amp=amp,
@@ -146,4 +166,4 @@ def run_training(cfg: TrainConfig, data: str | Path, out: str | Path, *, resume:
     if val_refs:
         validate = make_volume_validator(val_refs, device=device, amp=amp)
     return train(system, objective_cls, train_set, validate, cfg, Path(out), resume=resume, data=data,
-                 allow_config_change=allow_config_change)
+                 allow_config_change=allow_config_change, dist=dist)

@@ -20,7 +20,6 @@ Files are read with ``weights_only=True``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -35,7 +34,7 @@ import torch
 import yaml
 
 from imedsam.errors import ImedsamError
-from imedsam.io.atomic import atomic_write
+from imedsam.io.atomic import atomic_write, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +95,6 @@ def load_train_state(path: Path) -> dict:
 # --------------------------------------------------------------------------------------------- checkpoints
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -135,7 +126,7 @@ def write_checkpoint(run_dir: Path, epoch: int, write_adapter: Callable[[Path], 
         for name in (ADAPTER_FILE, STATE_FILE):
             with open(tmp / name, "rb") as fh:
                 os.fsync(fh.fileno())
-            files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+            files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
         manifest = tmp / MANIFEST
         manifest.write_text(json.dumps({"epoch": int(epoch), "step": int(state.get("step", -1)), "files": files},
                                        indent=1))
@@ -160,7 +151,7 @@ def is_complete(folder: Path, verify: bool = True) -> bool:
         manifest = json.loads((folder / MANIFEST).read_text())
         for name, info in manifest["files"].items():
             path = folder / name
-            if path.stat().st_size != info["bytes"] or (verify and _sha256(path) != info["sha256"]):
+            if path.stat().st_size != info["bytes"] or (verify and sha256_file(path) != info["sha256"]):
                 return False
         return True
     except (OSError, ValueError, KeyError, TypeError):

@@ -76,6 +76,10 @@ class OptimSettings(_Strict):
     ema_decay: float | None = Field(None, gt=0, lt=1, description="validate and keep an exponential moving "
                                                                   "average of the weights (e.g. 0.98); null: off")
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps (smoke tests)")
+    max_minutes: float | None = Field(None, gt=0, description="wall-clock budget of the run (training and its "
+                                                              "validations, summed over resumes): stop after the "
+                                                              "step during which it runs out, then validate and "
+                                                              "checkpoint as at an epoch's end; null: none")
 
 
 class RunSettings(_Strict):

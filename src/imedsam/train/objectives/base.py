@@ -9,6 +9,7 @@ import torch
 from pydantic import BaseModel
 
 from imedsam.runtime import autocast
+from imedsam.train.shards import Shard
 
 
 class Objective:
@@ -18,6 +19,12 @@ class Objective:
     the optimizer step on each before asking for the next, so a later pass sees the updated weights (SAM-Med2D's
     decoder-only passes). Every random choice derives from ``(config.run.seed, step)``, so a resumed run repeats
     the uninterrupted one exactly.
+
+    In a multi-process run the loop also passes ``shard`` (:class:`imedsam.train.shards.Shard`): ``batch`` is then
+    this process's part of the global batch, each yielded loss must be this process's share of the global-batch
+    loss (the processes' losses sum to it; the loop sums the gradients), and random draws made for a whole batch
+    are made for the global batch and sliced, so that the run trains as one process on the global batch would.
+    Single-process runs pass no ``shard``.
 
     Class attributes: ``Config``, the pydantic model of the ``objective`` config section; ``masks_per_image``
     is read from it when present: the objective then wants :class:`~imedsam.data.objects.ObjectsDataset` items
@@ -44,5 +51,6 @@ class Objective:
         """The batch's images normalised as the backbone expects, on the device: (B, 3, S, S)."""
         return self.system.preprocess.normalize_tensor(batch["image"].to(self.device))
 
-    def steps(self, batch: dict[str, Any], *, epoch: int, step: int) -> Iterator[tuple[torch.Tensor, dict]]:
+    def steps(self, batch: dict[str, Any], *, epoch: int, step: int,
+              shard: Shard | None = None) -> Iterator[tuple[torch.Tensor, dict]]:
         raise NotImplementedError

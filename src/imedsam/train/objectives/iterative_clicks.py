@@ -21,7 +21,8 @@ Gradients reach the prompt encoder in every pass, the mask-prompt branch include
 these passes, §F.24). Loss per pass, per mask then averaged (§F.26 fixed):
 ``focal_weight * focal + dice_weight * Dice + iou_weight * MSE(predicted IoU, IoU of the thresholded mask)``
 (20 / 1 / 1), on the chosen mask (best predicted IoU of 3 with ``model.multimask_output``) upsampled to the
-training grid. Random choices come from generators seeded by ``(seed, step)``.
+training grid. Random choices come from generators seeded by ``(seed, step)``; a process of a multi-process run
+draws the clicks of the global batch's shape (its rows in place, the others blank) and keeps its rows.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from imedsam.models.base import Prompts
 from imedsam.train.losses import dice_loss_per_mask, focal_loss, mask_iou
 from imedsam.train.objectives.base import Objective
+from imedsam.train.shards import Shard
 
 
 class IterativeClickSettings(BaseModel):
@@ -112,6 +114,16 @@ def foreground_points(gt: torch.Tensor, generator: torch.Generator, n: int = 1) 
     return torch.cat(points, 1), torch.cat(labels, 1).long()
 
 
+def _per_part(shard: Shard | None, per_item: int, draw, *args):
+    """``draw(*tensors, *rest)`` (:func:`foreground_points`, :func:`error_points`: the mask tensors first, then
+    ints and the generator) for this process's rows: in a multi-process run made on the global batch's shape
+    with these rows in place (the amount drawn depends only on the shape) and sliced back."""
+    if shard is None:
+        return draw(*args)
+    args = tuple(shard.embed(a, per_item) if isinstance(a, torch.Tensor) else a for a in args)
+    return tuple(shard.take(out, per_item) for out in draw(*args))
+
+
 class IterativeClickObjective(Objective):
     Config = IterativeClickSettings
 
@@ -130,7 +142,8 @@ class IterativeClickObjective(Objective):
         return loss, logits.detach(), {"focal": float(focal.detach()), "dice_loss": float(dice.detach()),
                                       "iou_mse": float(iou_mse.detach())}
 
-    def steps(self, batch: dict[str, Any], *, epoch: int, step: int) -> Iterator[tuple[torch.Tensor, dict]]:
+    def steps(self, batch: dict[str, Any], *, epoch: int, step: int,
+              shard: Shard | None = None) -> Iterator[tuple[torch.Tensor, dict]]:
         s = self.settings
         seed = self.config.run.seed
         rng = np.random.default_rng([seed, step, 0xC11C])
@@ -146,10 +159,12 @@ class IterativeClickObjective(Objective):
             if use_box:
                 prompts = Prompts(boxes=batch["boxes"].to(self.device).float().flatten(0, 1))
             else:
-                pts, lab = foreground_points(gt, gen, int(rng.choice(s.first_points)))
+                pts, lab = _per_part(shard, m, foreground_points, gt, gen, int(rng.choice(s.first_points)))
                 prompts = Prompts(points=pts, labels=lab)
             low_res, iou, _, _ = self.system.predict_low_res(embeddings, prompts)
         loss, logits, logs = self.loss(low_res, iou, masks)
+        if shard is not None:  # the loss terms are means over the masks: this part's share
+            loss = loss * shard.weight
         total = loss
         if s.step_per_pass or s.iterations == 0:
             yield loss, {"pass": 0, "prompt": "box" if use_box else "point", **logs}
@@ -166,10 +181,12 @@ class IterativeClickObjective(Objective):
                     prompts = Prompts(mask_input=prev)
                 else:
                     n = int(rng.choice(s.point_choices))
-                    pts, lab = error_points(logits[:, 0] > 0, gt, n, gen)
+                    pts, lab = _per_part(shard, m, error_points, logits[:, 0] > 0, gt, n, gen)
                     prompts = Prompts(points=pts, labels=lab, mask_input=prev)
                 low_res, iou, _, _ = self.system.predict_low_res(embeddings, prompts)
             loss, logits, logs = self.loss(low_res, iou, masks)
+            if shard is not None:
+                loss = loss * shard.weight
             prev = low_res.detach()
             if s.step_per_pass:
                 yield loss, {"pass": it + 1, **logs}

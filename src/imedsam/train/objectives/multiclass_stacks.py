@@ -5,12 +5,12 @@ Per step: B stacks of D slices (:class:`imedsam.data.stacks.StacksDataset`) go t
 per slice; the loss is ``ce_weight * CE + dice_weight * Dice`` over all classes and all slices of the batch, the
 Dice the mean over classes (background included, as MA-SAM) of the soft Dice of the softmax probabilities,
 computed over the whole batch. Logits are resized to the labels' grid (bilinear) first. One optimizer step per
-batch.
+batch. In a multi-process run the Dice sums are added over the processes, so the Dice is the global batch's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from imedsam.train.objectives.base import Objective
+from imedsam.train.shards import Shard
 
 
 class MulticlassStacksSettings(BaseModel):
@@ -28,13 +29,19 @@ class MulticlassStacksSettings(BaseModel):
     foreground_prob: float = Field(0.5, ge=0, le=1, description="share of stacks centred on a labelled slice")
 
 
-def multiclass_dice_loss(logits: torch.Tensor, labels: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
-    """1 - mean over classes of the soft Dice of ``softmax(logits)`` (N, K, H, W) against int labels (N, H, W)."""
+def multiclass_dice_loss(logits: torch.Tensor, labels: torch.Tensor, smooth: float = 1e-5,
+                         reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """1 - mean over classes of the soft Dice of ``softmax(logits)`` (N, K, H, W) against int labels (N, H, W).
+
+    ``reduce``: sums the per-class intersections and denominators over the processes of a multi-process run
+    first (:meth:`imedsam.train.shards.Shard.all_reduce`), so the Dice is that of the global batch."""
     prob = torch.softmax(logits.float(), dim=1)
     onehot = F.one_hot(labels, num_classes=logits.shape[1]).permute(0, 3, 1, 2).float()
     dims = (0, 2, 3)
     inter = (prob * onehot).sum(dims)
     denom = prob.sum(dims) + onehot.sum(dims)
+    if reduce is not None:
+        inter, denom = reduce(torch.stack((inter, denom)))
     return 1 - ((2 * inter + smooth) / (denom + smooth)).mean()
 
 
@@ -43,7 +50,8 @@ class MulticlassStacksObjective(Objective):
     #: the objective reads stacks of adjacent slices (:class:`imedsam.data.stacks.StacksDataset`)
     items: ClassVar[str] = "stacks"
 
-    def steps(self, batch: dict[str, Any], *, epoch: int, step: int) -> Iterator[tuple[torch.Tensor, dict]]:
+    def steps(self, batch: dict[str, Any], *, epoch: int, step: int,
+              shard: Shard | None = None) -> Iterator[tuple[torch.Tensor, dict]]:
         s = self.settings
         images = batch["image"].to(self.device)  # (B, D, 3, S, S) display scale
         b, d = images.shape[:2]
@@ -55,5 +63,10 @@ class MulticlassStacksObjective(Objective):
         if logits.shape[-2:] != labels.shape[-2:]:
             logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
         ce = F.cross_entropy(logits, labels)
-        dice = multiclass_dice_loss(logits, labels)
-        yield s.ce_weight * ce + s.dice_weight * dice, {"ce": float(ce.detach()), "dice_loss": float(dice.detach())}
+        if shard is None:
+            dice = multiclass_dice_loss(logits, labels)
+            loss = s.ce_weight * ce + s.dice_weight * dice
+        else:  # CE: a mean over the items (this part's share); Dice: of the global batch, the same on every process
+            dice = multiclass_dice_loss(logits, labels, reduce=shard.all_reduce)
+            loss = s.ce_weight * ce * shard.weight + s.dice_weight * dice / shard.world_size
+        yield loss, {"ce": float(ce.detach()), "dice_loss": float(dice.detach())}

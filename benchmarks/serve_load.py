@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,8 +28,12 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
+
+try:  # the test extra installs httpx2 (Starlette's test client uses it); plain httpx has the same client API
+    import httpx2 as httpx
+except ImportError:
+    import httpx
 
 # benchmarks/imedsam.py is named like the package: keep this folder off the import path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]

@@ -62,6 +62,20 @@ def make_label_volume() -> np.ndarray:
     return lab
 
 
+def write_stacks_dataset(root: Path, prefix: str = "t", cases: int = 3) -> Path:
+    """``cases`` labelled MR volumes (:func:`make_label_volume`: 6 slices, classes 1 and 2) in the nnU-Net layout
+    under ``root``, for MA-SAM's stacks of adjacent slices. Returns ``root``."""
+    lab = make_label_volume()
+    rng = np.random.default_rng(0)
+    for i in range(cases):
+        write_nifti(root / "imagesTr" / f"{prefix}_{i:03d}_0000.nii.gz",
+                    (lab * 120 + rng.normal(20, 5, lab.shape)).astype("float32"))
+        write_nifti(root / "labelsTr" / f"{prefix}_{i:03d}.nii.gz", lab)
+    (root / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "a": 1, "b": 2},
+                                                   "channel_names": {"0": "MR"}, "file_ending": ".nii.gz"}))
+    return root
+
+
 @pytest.fixture
 def nnunet3d_root(tmp_path: Path) -> Path:
     root = tmp_path / "Dataset001_Synth3D"

@@ -140,20 +140,12 @@ def test_stacks_dataset_items_and_one_augmentation_for_the_stack(tmp_path):
 
 
 def test_ma_sam_trains_validates_on_volumes_and_resumes(tmp_path):
-    from tests.data.conftest import make_label_volume, write_nifti
+    from tests.data.conftest import write_stacks_dataset
 
     from imedsam.train.api import run_training
     from imedsam.train.config import load_config
 
-    root = tmp_path / "Dataset004_T"
-    lab = make_label_volume()
-    rng = __import__("numpy").random.default_rng(0)
-    for i in range(3):
-        write_nifti(root / "imagesTr" / f"t_{i:03d}_0000.nii.gz",
-                    (lab * 120 + rng.normal(20, 5, lab.shape)).astype("float32"))
-        write_nifti(root / "labelsTr" / f"t_{i:03d}.nii.gz", lab)
-    (root / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "a": 1, "b": 2},
-                                                   "channel_names": {"0": "MR"}, "file_ending": ".nii.gz"}))
+    root = write_stacks_dataset(tmp_path / "Dataset004_T", "t")
     cfg = load_config(None, ["model.system=ma_sam", "model.backbone=tiny_tinyvit_test", "model.stack_depth=3",
                              "model.decoder.num_classes=2", "data.image_size=64", "optim.epochs=2",
                              "optim.batch_size=2", "data.val_fraction=0.34", "run.device=cpu", "run.precision=fp32",

@@ -133,17 +133,9 @@ def test_two_processes_train_as_one_process_on_the_global_batch(discs, two_proce
 
 def _volumes(root: Path) -> Path:
     """3 label volumes (6 slices, classes 1 and 2) in the nnU-Net layout, for MA-SAM's stacks."""
-    from tests.data.conftest import make_label_volume, write_nifti
+    from tests.data.conftest import write_stacks_dataset
 
-    lab = make_label_volume()
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        write_nifti(root / "imagesTr" / f"t_{i:03d}_0000.nii.gz",
-                    (lab * 120 + rng.normal(20, 5, lab.shape)).astype("float32"))
-        write_nifti(root / "labelsTr" / f"t_{i:03d}.nii.gz", lab)
-    (root / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "a": 1, "b": 2},
-                                                   "channel_names": {"0": "MR"}, "file_ending": ".nii.gz"}))
-    return root
+    return write_stacks_dataset(root, "t")
 
 
 #: SAM-Med2D: 3 object masks per image, clicks drawn from the error (both torch.multinomial paths: 1 point and

@@ -4,11 +4,9 @@ trains exactly as before. The clock is a fake one (each reading 10 s later), so 
 
 from __future__ import annotations
 
-import json
 import types
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -23,18 +21,9 @@ from imedsam.train.config import load_config
 def stacks_root(tmp_path: Path) -> Path:
     """3 tiny labelled volumes (6 slices each) in the nnU-Net layout: 2 train + 1 held out = 12 stacks, 6 steps
     per epoch at batch 2."""
-    from tests.data.conftest import make_label_volume, write_nifti
+    from tests.data.conftest import write_stacks_dataset
 
-    root = tmp_path / "Dataset005_B"
-    lab = make_label_volume()
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        write_nifti(root / "imagesTr" / f"b_{i:03d}_0000.nii.gz",
-                    (lab * 120 + rng.normal(20, 5, lab.shape)).astype("float32"))
-        write_nifti(root / "labelsTr" / f"b_{i:03d}.nii.gz", lab)
-    (root / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "a": 1, "b": 2},
-                                                   "channel_names": {"0": "MR"}, "file_ending": ".nii.gz"}))
-    return root
+    return write_stacks_dataset(tmp_path / "Dataset005_B", "b")
 
 
 def _config(*extra: str):

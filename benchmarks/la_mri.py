@@ -11,8 +11,10 @@ Methods (one JSON line per method and per method x volume; every line carries it
   ``--budget-minutes`` of wall clock (``optim.max_minutes``: it stops by itself after the step that spends it,
   then validates; the checkpoint best on the held-out volume is scored). Sliding stacks of 5 slices, the
   probabilities of every stack holding a slice averaged, argmax (``imedsam evaluate --volumes --prompt auto``).
-* ``ma_sam_box3d``: MA-SAM with one 3-D box per scan. Reported as not available while no training path trains the
-  box-prompted decoder (the reason is printed).
+* ``ma_sam_box3d``: MA-SAM's box-prompted variant (``model.decoder.prompt=box``), trained within
+  ``--box3d-minutes`` like the first (every stack centred in the scan's 3-D box range and given the box's
+  in-plane extent, expanded by up to 10 % per side), scored with one 3-D box per scan: the ground truth's tight
+  box, its slices predicted from sliding stacks, the others background (``--prompt box3d``).
 * ``litemedsam_box``: zero-shot LiteMedSAM, slice by slice, each slice with ground truth prompted by its tight box
   (``--prompt box``).
 * ``litemedsam_propagate``: zero-shot LiteMedSAM from one box, the ground truth's on its middle slice, then each
@@ -32,8 +34,12 @@ model's output and it trains and scores one volume: a pipeline check, never a fi
 ``--quick``: a couple of volumes cropped to a slab of slices, a few training steps at 64 px: a smoke test of the
 script (tests/test_benchmarks.py); its figures are meaningless and every line says so.
 
-    python benchmarks/la_mri.py [--out runs/la_mri] [--budget-minutes 90] [--imedsam-run DIR] [--skip-train]
-                                [--totalseg] [--quick] [--seed 2023] [--precision auto]
+    python benchmarks/la_mri.py [--out runs/la_mri] [--budget-minutes 90] [--box3d-minutes 90]
+                                [--imedsam-run DIR] [--skip-train] [--totalseg] [--quick] [--seed 2023]
+                                [--precision auto]
+
+A finished training is reused and an unfinished one resumed, so a second call adds what the first left out
+(e.g. ``--box3d-minutes 0`` first, the box-prompted variant later).
 """
 
 from __future__ import annotations
@@ -61,12 +67,6 @@ QUICK_NOTE = ("--quick: a smoke run (a few training steps at 64 px on volumes cr
 METRICS = ("per volume in 3-D on its own grid: Dice; HD95 in mm (MONAI, max of the two directed 95th "
            "percentiles of the surface distances, from the spacing; undefined when one mask is empty: left out "
            "of the mean and counted); NSD at 1 mm tolerance; then the mean over the volumes")
-BOX3D_UNAVAILABLE = (
-    "not available: model.decoder.prompt=box builds MA-SAM's box-prompted decoder (one box per slice, "
-    "imedsam.models.masam), but no training path trains it: the multiclass_stacks objective and predict_volume "
-    "run the decoder prompt-free (MASAM.stack_logits passes no box), so a box-prompted run would be scored with an "
-    "untrained prompt path; the official box variant's per-slice box files are unreleased (systems.md C.4, F.35)")
-
 
 # ----------------------------------------------------------------------------------------------- facts and rows
 
@@ -285,6 +285,15 @@ def la_rows(args, emit: Printer, data: Path, out: Path) -> None:
     run = out / "la_ma_sam_auto"
     info = train_run(overrides, data, run, skip_train=args.skip_train)
     emit(row="train", method="ma_sam_auto", config=str(CONFIG.relative_to(ROOT)), overrides=overrides, **info)
+    box_run = out / "la_ma_sam_box3d"
+    box_overrides = [o for o in overrides if not o.startswith("optim.max_minutes=")] + [
+        f"optim.max_minutes={args.box3d_minutes:g}", "model.decoder.prompt=box"]
+    if args.box3d_minutes > 0:
+        box_info = train_run(box_overrides, data, box_run, skip_train=args.skip_train)
+        emit(row="train", method="ma_sam_box3d", config=str(CONFIG.relative_to(ROOT)), overrides=box_overrides,
+             **box_info)
+    else:
+        box_info = {"skipped": "--box3d-minutes 0: the box-prompted variant was not trained"}
     imedsam_run = Path(args.imedsam_run) if args.imedsam_run else None
     imedsam_skip = ("no --imedsam-run DIR given (a trained I-MedSAM LA run folder)" if imedsam_run is None else
                     None if imedsam_run.is_dir() else f"--imedsam-run {imedsam_run}: not a folder")
@@ -295,9 +304,13 @@ def la_rows(args, emit: Printer, data: Path, out: Path) -> None:
             "prompt": "none (automatic): sliding stacks of 5 slices, probabilities averaged per slice, argmax",
             "resolution": f"each slice resized to {size}x{size} (aspect not kept), probabilities resized back; "
                           f"{native}"}),
-        ("ma_sam_box3d", {}, BOX3D_UNAVAILABLE, {
-            **common, "training": trained, "prompt": "one 3-D box per scan (tight box of the ground truth)",
-            "resolution": "-"}),
+        ("ma_sam_box3d", {"prompt": "box3d", "run": box_run}, box_info.get("skipped"), {
+            **common, "training": f"{trained}; budget {args.box3d_minutes:g} min wall clock; every stack given its "
+                                  "scan's 3-D box (in-plane extent, each side expanded by up to 10 %)",
+            "prompt": "one 3-D box per scan: the ground truth's tight box; its slices from sliding stacks of 5, "
+                      "probabilities averaged, argmax; the slices outside its range background",
+            "resolution": f"each slice resized to {size}x{size} (aspect not kept), probabilities resized back; "
+                          f"{native}"}),
         ("litemedsam_box", {"prompt": "box", "model": "litemedsam"}, None, {
             **common, "prompt": "each slice's tight ground-truth box (half-open), every slice with ground truth"}),
         ("litemedsam_propagate", {"prompt": "propagate", "model": "litemedsam"}, None, {
@@ -353,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "runs" / "la_mri"), help="run folders, reports, results")
     parser.add_argument("--budget-minutes", type=float, default=90.0,
                         help="wall-clock training budget of each MA-SAM training (optim.max_minutes)")
+    parser.add_argument("--box3d-minutes", type=float, default=90.0,
+                        help="wall-clock training budget of the box-prompted MA-SAM (0: not trained)")
     parser.add_argument("--imedsam-run", default=None, help="a trained I-MedSAM LA run folder to score")
     parser.add_argument("--skip-train", action="store_true", help="score the runs already in --out")
     parser.add_argument("--totalseg", action="store_true", help="also the TotalSegmentator example smoke run")
@@ -362,10 +377,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="auto", help="inference precision (auto | fp32 | bf16)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.budget_minutes <= 0 or args.totalseg_minutes <= 0:
-        parser.error("--budget-minutes and --totalseg-minutes must be positive")
+    if args.budget_minutes <= 0 or args.totalseg_minutes <= 0 or args.box3d_minutes < 0:
+        parser.error("--budget-minutes and --totalseg-minutes must be positive, --box3d-minutes >= 0")
     if args.quick:
         args.budget_minutes = min(args.budget_minutes, 1.0)
+        args.box3d_minutes = min(args.box3d_minutes, 1.0)
         args.totalseg_minutes = min(args.totalseg_minutes, 0.5)
 
     out = Path(args.out)

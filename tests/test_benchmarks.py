@@ -45,6 +45,8 @@ def test_la_mri_benchmark_quick_rows(tmp_path: Path) -> None:
     import subprocess
     import sys
 
+    import yaml
+
     script = BENCHMARKS[0].parent / "la_mri.py"
     done = subprocess.run([sys.executable, str(script), "--quick", "--totalseg", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=600, check=False)
@@ -64,12 +66,15 @@ def test_la_mri_benchmark_quick_rows(tmp_path: Path) -> None:
         volumes = [v for v in lines if v["row"] == "volume" and v["method"] == name]
         assert len(volumes) == line["volumes"] == 2 and all(0.0 <= v["dice"] <= 1.0 for v in volumes), name
         assert all(v["protocol"] == protocol for v in volumes)
-    for name in ("ma_sam_auto", "litemedsam_box", "litemedsam_propagate"):  # these always run
+    for name in ("ma_sam_auto", "ma_sam_box3d", "litemedsam_box", "litemedsam_propagate"):  # these always run
         assert "skipped" not in methods[name], methods[name]
-    assert "not available" in methods["ma_sam_box3d"]["skipped"]
+    assert "3-D box per scan" in methods["ma_sam_box3d"]["protocol"]["prompt"]
     assert "percentiles" in methods["litemedsam_box"]["protocol"]["intensity"]  # LGE-MRI: not CT
-    train = next(line for line in lines if line["row"] == "train" and line["method"] == "ma_sam_auto")
-    assert train["steps"] == 2 and train["budget_minutes"] == 1.0
+    for name in ("ma_sam_auto", "ma_sam_box3d"):
+        train = next(line for line in lines if line["row"] == "train" and line["method"] == name)
+        assert train["steps"] == 2 and train["budget_minutes"] == 1.0, name
+    box_run = next(line for line in lines if line["row"] == "train" and line["method"] == "ma_sam_box3d")["run"]
+    assert yaml.safe_load((Path(box_run) / "config.yaml").read_text())["model"]["decoder"]["prompt"] == "box"
     smoke = next(line for line in lines if line["row"] == "smoke")
     assert smoke["classes"] == 41 and 0.0 <= smoke["dice_mean_over_classes"] <= 1.0
     assert "soft_tissue" in smoke["intensity"]  # the example CT, declared CT in its dataset.json

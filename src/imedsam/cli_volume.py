@@ -67,7 +67,7 @@ def segment_volume_command(args: argparse.Namespace, sample: Sample) -> int:
     _refuse_2d_options(args)
     _check_volume_outputs(args, sample)
     if args.auto:
-        return _segment_volume_auto(args, sample)
+        return _segment_volume_stacks(args, sample)
     frame = SliceFrame(args.axis)
     shape = tuple(int(n) for n in sample.geometry.shape)
     prompt = VolumePrompt(box3d=tuple(args.box3d) if args.box3d else None,
@@ -76,6 +76,11 @@ def segment_volume_command(args: argparse.Namespace, sample: Sample) -> int:
     check_volume_prompt(prompt, shape)
     model = args.model or ("litemedsam" if args.adapter is None else None)
     cls = system_class_for(args, model)
+    if hasattr(cls, "predict_volume"):  # a volume system (MA-SAM): stacks of slices, one 3-D box per scan
+        if args.point or args.propagate:
+            raise ImedsamError(f"{'--point' if args.point else '--propagate'}: {model or args.adapter!r} sees "
+                               "stacks of slices and takes one --box3d per scan (box-prompted) or none (--auto)")
+        return _segment_volume_stacks(args, sample, box3d=prompt.box3d)
     for kind, flag, given in (("box", "--box3d", args.box3d or args.propagate), ("points", "--point", args.point)):
         if given and kind not in cls.prompt_types:
             raise ImedsamError(f"{flag}: model {model or args.adapter!r} cannot use a {kind} prompt")
@@ -101,24 +106,28 @@ def segment_volume_command(args: argparse.Namespace, sample: Sample) -> int:
     return 0
 
 
-def _segment_volume_auto(args: argparse.Namespace, sample: Sample) -> int:
-    """A prompt-free multi-class system (MA-SAM) on a volume: sliding stacks of adjacent slices, probabilities
-    averaged, argmax written as a label volume (class ids) on the input's grid."""
+def _segment_volume_stacks(args: argparse.Namespace, sample: Sample, box3d: tuple[float, ...] | None = None) -> int:
+    """A multi-class volume system (MA-SAM) on a volume: sliding stacks of adjacent slices, probabilities
+    averaged, argmax written as a label volume (class ids) on the input's grid. Prompt-free (``--auto``), or
+    box-prompted with one ``--box3d`` for the scan (only the slices of its range are predicted)."""
     from imedsam import io
 
     model = args.model or None
     cls = system_class_for(args, model)
-    if not getattr(cls, "prompt_free", False) or not hasattr(cls, "predict_volume"):
+    if not hasattr(cls, "predict_volume"):
         raise ImedsamError(f"--auto: on a volume this needs a prompt-free volume model (a trained --model ma_sam "
                            f"run, --adapter RUN); {model or args.adapter!r} is prompted: use --box3d or --point "
                            "I J K LABEL")
     if args.axis != "k":
-        raise ImedsamError("--axis: a prompt-free volume model runs across the axis it was trained on (k)")
+        raise ImedsamError("--axis: a volume model runs across the axis it was trained on (k)")
     display = io.to_display_volume(sample, window=parse_window(args.window))
     seg = build_segmenter(args, model)
-    if not seg.system.prompt_free:
-        raise ImedsamError(f"--auto: {args.adapter!r} was trained with box prompts; give --box3d")
-    probs = seg.system.predict_volume(display, device=seg.device, amp_dtype=seg.amp_dtype)
+    if box3d is None and not seg.system.prompt_free:
+        raise ImedsamError(f"--auto: {args.adapter!r} was trained with box prompts; give --box3d I0 J0 K0 I1 J1 K1")
+    if box3d is not None and seg.system.prompt_free:
+        raise ImedsamError(f"--box3d: {model or args.adapter!r} is prompt-free (trained without boxes); use --auto")
+    prompt = {} if box3d is None else {"box3d": box3d}
+    probs = seg.system.predict_volume(display, device=seg.device, amp_dtype=seg.amp_dtype, **prompt)
     labels = probs.argmax(0).numpy().astype(np.uint8 if probs.shape[0] <= 256 else np.uint16)
     written = {"labels": str(_write_labels(args.out, labels, sample).resolve())}
     if args.overlay:

@@ -187,3 +187,119 @@ def test_ma_sam_trains_validates_on_volumes_and_resumes(tmp_path):
     assert len(rows) == 6 and {r["class"] for r in rows} == {"1", "2"}  # 3 volumes x 2 classes
     # a prompted model cannot run prompt-free on a volume
     assert main(["segment", str(image), "--model", "litemedsam", "--auto", "--out", str(tmp_path / "x.nii.gz")]) == 2
+
+
+def test_box_prompted_stacks_carry_the_scans_3d_box(tmp_path):
+    """The box variant's items: stacks centred in the 3-D box's slice range, each with the scan's box (every
+    class) in the item's pixels, moved with the augmentation so that it still holds every labelled pixel."""
+    from tests.data.conftest import make_label_volume, write_stacks_dataset
+
+    from imedsam.data import discover
+    from imedsam.data.augment import AugmentConfig
+    from imedsam.data.stacks import StacksDataset
+    from imedsam.data.volume_prompts import volume_box
+
+    root = write_stacks_dataset(tmp_path / "Dataset006_X", "x", cases=1)
+    lab = make_label_volume()  # (6, 16, 20) = (k, j, i), labels on slices 1..4
+    assert volume_box(lab > 0) == (3.0, 1.0, 1.0, 18.0, 13.0, 5.0)
+    assert volume_box(lab[:1] > 0) is None
+    ds = StacksDataset(discover(root), split="train", depth=3, size=(32, 32), foreground_prob=0.0,
+                       box_prompt=True, box_expand=(0.0, 0.0))
+    assert len(ds) == 4 and [ds[i]["slice_index"] for i in range(4)] == [1, 2, 3, 4]
+    # W 20 -> 32 (x1.6), H 16 -> 32 (x2)
+    assert torch.allclose(ds[0]["box"], torch.tensor([4.8, 2.0, 28.8, 26.0]))
+    expanded = StacksDataset(discover(root), split="train", depth=3, size=(32, 32), box_prompt=True, seed=3)
+    b = expanded[1]["box"]
+    assert (b[:2] <= torch.tensor([4.8, 2.0])).all() and (b[2:] >= torch.tensor([28.8, 26.0])).all()
+    assert not torch.equal(b, torch.tensor([4.8, 2.0, 28.8, 26.0]))  # some side moved out
+    aug = StacksDataset(discover(root), split="train", depth=3, size=(32, 32), box_prompt=True, seed=1,
+                        box_expand=(0.0, 0.0), augment=AugmentConfig(intensity=False))
+    moved = 0
+    for i in range(len(aug)):
+        it = aug[i]
+        x0, y0, x1, y1 = it["box"].tolist()
+        ys, xs = torch.nonzero(it["labels"].amax(0) > 0, as_tuple=True)
+        if ys.numel():
+            assert xs.min() >= x0 - 1 and xs.max() < x1 + 1 and ys.min() >= y0 - 1 and ys.max() < y1 + 1
+        moved += not torch.allclose(it["box"], torch.tensor([4.8, 2.0, 28.8, 26.0]), atol=1.5)
+    assert moved  # the geometric augmentation moved the box with the labels
+
+
+def test_predict_volume_with_a_3d_box_predicts_its_slices_only(monkeypatch):
+    """Box variant against a hand computation: stacks centred on the box's slices only, the box (in
+    encoder-input pixels) given to every slice, slices outside the range background."""
+    system = build_masam(MASAMConfig(backbone="tiny_tinyvit_test", stack_depth=3, decoder={"prompt": "box"}),
+                         pretrained=False)
+    s = system.preprocess.img_size
+    seen = []
+
+    def fake_stack_logits(images, boxes=None):
+        seen.append(boxes)
+        d = images.shape[1]
+        pos = torch.arange(d, dtype=torch.float32) / (d - 1)
+        p1 = pos.view(1, d, 1, 1, 1).expand(1, d, 1, 8, 8).clamp(1e-6, 1 - 1e-6)
+        return torch.cat([torch.log(1 - p1), torch.log(p1)], dim=2)
+
+    monkeypatch.setattr(system, "stack_logits", fake_stack_logits)
+    probs = system.predict_volume(torch.zeros(6, 10, 12).numpy(), box3d=(2, 1, 2, 10, 9, 4))
+    assert len(seen) == 2  # stacks centred on slices 2 and 3
+    want_box = torch.tensor([[2 * s / 12, 1 * s / 10, 10 * s / 12, 9 * s / 10]])
+    assert all(torch.allclose(b, want_box) for b in seen)
+    # slice 2: stacks at 2 (position 0.5) and 3 (position 0); slice 3: stacks at 2 (1) and 3 (0.5)
+    assert torch.allclose(probs[1, :, 0, 0], torch.tensor([0, 0, 0.25, 0.75, 0, 0]), atol=1e-4)
+    assert torch.allclose(probs.sum(0), torch.ones(6, 10, 12), atol=1e-5)
+    with pytest.raises(ImedsamError, match="box-prompted"):
+        system.predict_volume(torch.zeros(6, 10, 12).numpy())
+    with pytest.raises(ImedsamError, match="not a half-open box inside"):
+        system.predict_volume(torch.zeros(6, 10, 12).numpy(), box3d=(2, 1, 2, 13, 9, 4))
+    free = build_masam(MASAMConfig(backbone="tiny_tinyvit_test", stack_depth=3), pretrained=False)
+    with pytest.raises(ImedsamError, match="prompt-free"):
+        free.predict_volume(torch.zeros(6, 10, 12).numpy(), box3d=(2, 1, 2, 10, 9, 4))
+    with pytest.raises(ImedsamError, match="box-prompted"):
+        build_masam(MASAMConfig(backbone="tiny_tinyvit_test", stack_depth=3, decoder={"prompt": "box"}),
+                    pretrained=False).stack_logits(torch.rand(1, 3, 3, s, s))
+
+
+def test_box_prompted_ma_sam_trains_segments_and_scores_from_one_3d_box(tmp_path):
+    """The box variant end to end: trained on stacks given their scan's box (and validated from the ground
+    truth's 3-D box), `segment --box3d` writes a label volume zero outside the box's slices, `evaluate --prompt
+    box3d` scores it; the prompt-free verbs are refused in one line."""
+    import csv
+
+    import nibabel as nib
+    import numpy as np
+    from tests.data.conftest import write_stacks_dataset
+
+    from imedsam.cli import main
+    from imedsam.train.api import run_training
+    from imedsam.train.config import load_config
+
+    root = write_stacks_dataset(tmp_path / "Dataset007_B", "b")
+    cfg = load_config(None, ["model.system=ma_sam", "model.backbone=tiny_tinyvit_test", "model.stack_depth=3",
+                             "model.decoder.num_classes=2", "model.decoder.prompt=box", "data.image_size=64",
+                             "optim.epochs=2", "optim.batch_size=2", "data.val_fraction=0.34", "run.device=cpu",
+                             "run.precision=fp32", "data.augment=false"])
+    result = run_training(cfg, root, tmp_path / "run")
+    assert result.epochs_done == 2 and all(h["val"]["n"] == 1 for h in result.history)
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] < losses[0]
+    image = root / "imagesTr" / "b_000_0000.nii.gz"
+    out = tmp_path / "labels.nii.gz"
+    run = str(tmp_path / "run")
+    assert main(["segment", str(image), "--adapter", run, "--box3d", "2", "1", "1", "18", "13", "4",
+                 "--out", str(out), "--device", "cpu"]) == 0
+    written = np.asarray(nib.load(str(out)).dataobj)  # (i, j, k)
+    assert written.shape == nib.load(str(image)).shape
+    assert not written[..., [0, 4, 5]].any()  # outside k in [1, 4): background
+    assert main(["evaluate", "--run", run, "--data", str(root), "--split", "all", "--volumes", "--prompt", "box3d",
+                 "--out", str(tmp_path / "report"), "--device", "cpu"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "report" / "cases.csv")))
+    assert len(rows) == 6 and all(r["slices_prompted"] == "4" for r in rows)  # the 3-D box spans slices 1..4
+    for argv in (["segment", str(image), "--adapter", run, "--auto", "--out", str(tmp_path / "a.nii.gz")],
+                 ["segment", str(image), "--adapter", run, "--box3d", "2", "1", "1", "18", "13", "4", "--propagate",
+                  "--out", str(tmp_path / "b.nii.gz")],
+                 ["evaluate", "--run", run, "--data", str(root), "--split", "all", "--volumes", "--prompt", "auto",
+                  "--out", str(tmp_path / "r2")],
+                 ["evaluate", "--run", run, "--data", str(root), "--split", "all", "--volumes", "--prompt", "box",
+                  "--out", str(tmp_path / "r3")]):
+        assert main(argv + ["--device", "cpu"]) == 2, argv

@@ -5,12 +5,17 @@ Each item is a dict:
 - ``"image"``: float32 ``(D, 3, S, S)``, the stack's slices on the display scale 0..255 (one intensity mapping per
   volume, :func:`imedsam.io.images.to_display_volume`), gray replicated to RGB, resized to ``size`` (bilinear);
 - ``"labels"``: int64 ``(D, S, S)``, the label ids of the same slices (nearest);
-- ``"case_id"`` (str), ``"slice_index"`` (int, the centre slice).
+- ``"case_id"`` (str), ``"slice_index"`` (int, the centre slice);
+- ``"box"`` (with ``box_prompt``): float32 ``(4,)``, the half-open xyxy box in the S x S item's pixels given to
+  every slice of the stack: the in-plane extent of the volume's 3-D box (the tight box of all its labelled
+  voxels, every class: one box per scan, as ``--box3d`` gives at inference), moved with the augmentation and
+  expanded on each side by a uniform fraction of its size in ``box_expand``.
 
 Slices are taken along the volume's first array axis (the file's third, ``k``). A stack is centred on its slice;
 at the volume's ends the edge slice is repeated. Sampling is foreground-biased: with probability
 ``foreground_prob`` the centre is redrawn among the volume's slices that hold a label (MA-SAM samples around the
-foreground). Augmentation, when given, is ONE draw applied identically to every slice of the stack (geometric:
+foreground); with ``box_prompt`` every stack is centred inside the 3-D box's slice range (volumes without a
+label give no item). Augmentation, when given, is ONE draw applied identically to every slice of the stack (geometric:
 image bilinear, labels nearest). Randomness is seeded per item from ``(seed, epoch, index)``.
 """
 
@@ -25,6 +30,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from imedsam.data.augment import AugmentConfig, Augmenter, sample_seed
+from imedsam.data.prompts import box_from_mask, jitter_box
+from imedsam.data.volume_prompts import volume_box
 from imedsam.errors import ImedsamError
 
 __all__ = ["StacksDataset", "stack_indices"]
@@ -41,7 +48,8 @@ class StacksDataset(Dataset):
 
     def __init__(self, index, *, split: str | None, depth: int, size: tuple[int, int],
                  augment: AugmentConfig | None = None, seed: int = 0, foreground_prob: float = 0.5,
-                 window=None, cache_size: int = 64) -> None:
+                 window=None, cache_size: int = 64, box_prompt: bool = False,
+                 box_expand: tuple[float, float] = (0.0, 0.1)) -> None:
         if depth < 1 or depth % 2 == 0:
             raise ImedsamError(f"stack depth {depth}: must be odd (a centre slice and as many on each side)")
         self.cases = [c for c in index if split is None or c.split == split]
@@ -50,13 +58,20 @@ class StacksDataset(Dataset):
         self.depth, self.size, self.seed = depth, tuple(size), seed
         self.foreground_prob, self.window = foreground_prob, window
         self.augmenter = Augmenter(augment) if augment is not None else None
+        self.box_prompt, self.box_expand = box_prompt, (float(box_expand[0]), float(box_expand[1]))
         self.epoch = 0
         self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
         self._cache_size = cache_size
+        self._boxes: dict[int, np.ndarray] = {}  # case -> its 3-D box's in-plane extent (display pixels)
         self.items: list[tuple[int, int]] = []
         for i, case in enumerate(self.cases):
-            image, _, _ = self._load(i)
-            self.items.extend((i, z) for z in range(image.shape[0]))
+            image, _, labelled = self._load(i)
+            if not box_prompt:
+                self.items.extend((i, z) for z in range(image.shape[0]))
+            elif labelled.size:  # the 3-D box's slice range
+                self.items.extend((i, z) for z in range(int(labelled[0]), int(labelled[-1]) + 1))
+        if not self.items:
+            raise ImedsamError(f"--data: no labelled volume in split {split!r} to train a box-prompted model on")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -88,7 +103,7 @@ class StacksDataset(Dataset):
         rng = np.random.default_rng(sample_seed(self.seed, self.epoch, index))
         image, labels, labelled = self._load(case_index)
         if labelled.size and rng.random() < self.foreground_prob:
-            centre = int(labelled[rng.integers(labelled.size)])
+            centre = int(labelled[rng.integers(labelled.size)])  # inside the box's range too
         idx = stack_indices(centre, self.depth, image.shape[0])
         img = torch.from_numpy(image[idx].astype(np.float32))[:, None]  # (D, 1, H, W)
         lab = torch.from_numpy(labels[idx].astype(np.float32))[:, None]  # (D, 1, H, W)
@@ -96,7 +111,34 @@ class StacksDataset(Dataset):
             img = F.interpolate(img, size=self.size, mode="bilinear", align_corners=False)
             lab = F.interpolate(lab, size=self.size, mode="nearest")
         img, lab = img[:, 0], lab[:, 0]  # (D, S, S)
-        if self.augmenter is not None:  # one draw for the whole stack: slices as channels
-            img, lab = self.augmenter.apply(img, lab, seed=int(rng.integers(2**31)), labels=True)
-        return {"image": img[:, None].expand(-1, 3, -1, -1).contiguous(), "labels": lab.round().long(),
+        box = self._stack_box(image.shape, labels, case_index) if self.box_prompt else None
+        if self.augmenter is not None:  # one draw for the whole stack: slices as channels (and the box's plane)
+            moved = lab if box is None else torch.cat([lab, _box_plane(box, self.size)[None]])
+            img, moved = self.augmenter.apply(img, moved, seed=int(rng.integers(2**31)), labels=True)
+            lab = moved[: self.depth]
+            if box is not None and bool(moved[-1].any()):  # a box moved off the image keeps its place
+                box = box_from_mask(moved[-1].numpy())
+        item = {"image": img[:, None].expand(-1, 3, -1, -1).contiguous(), "labels": lab.round().long(),
                 "case_id": self.cases[case_index].case_id, "slice_index": centre}
+        if box is not None:
+            item["box"] = torch.from_numpy(jitter_box(box, self.size, rng=rng, expand=self.box_expand,
+                                                      mode="expand", unit="fraction"))
+        return item
+
+    def _stack_box(self, shape: tuple[int, ...], labels: np.ndarray, case_index: int) -> np.ndarray:
+        """The volume's 3-D box in-plane, in the S x S item's pixels (float32 (4,), half-open xyxy)."""
+        if case_index not in self._boxes:
+            b = volume_box(labels > 0)
+            self._boxes[case_index] = np.array([b[0], b[1], b[3], b[4]], dtype=np.float64)
+        b = self._boxes[case_index]
+        sy, sx = self.size[0] / shape[1], self.size[1] / shape[2]
+        return np.array([b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy], dtype=np.float32)
+
+
+def _box_plane(box: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """(S, S) float plane, 1 on the pixels the half-open box covers (partly), 0 elsewhere."""
+    plane = torch.zeros(size)
+    x0, y0 = int(np.floor(box[0])), int(np.floor(box[1]))
+    x1, y1 = int(np.ceil(box[2])), int(np.ceil(box[3]))
+    plane[max(y0, 0):max(y1, y0 + 1), max(x0, 0):max(x1, x0 + 1)] = 1.0
+    return plane

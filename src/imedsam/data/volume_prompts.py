@@ -168,6 +168,20 @@ def mask_box(mask: np.ndarray) -> list[float] | None:
     return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
 
 
+
+def volume_box(mask: np.ndarray) -> tuple[float, ...] | None:
+    """Tight half-open 3-D box ``(i0, j0, k0, i1, j1, k1)`` of a ``(D, H, W) = (k, j, i)`` mask (the order of
+    ``--box3d``), None when it is empty."""
+    m = np.asarray(mask, dtype=bool)
+    if m.ndim != 3:
+        raise ImedsamError(f"volume_box: expected a (D, H, W) mask, got shape {m.shape}")
+    if not m.any():
+        return None
+    k = np.flatnonzero(m.any(axis=(1, 2)))
+    j = np.flatnonzero(m.any(axis=(0, 2)))
+    i = np.flatnonzero(m.any(axis=(0, 1)))
+    return (float(i[0]), float(j[0]), float(k[0]), float(i[-1] + 1), float(j[-1] + 1), float(k[-1] + 1))
+
 #: predict(slice index, box or None, points or None, labels or None) -> (H, W) bool mask of that slice
 SlicePredictor = Callable[[int, "list[float] | None", "np.ndarray | None", "np.ndarray | None"], np.ndarray]
 

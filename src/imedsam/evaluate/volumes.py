@@ -16,6 +16,10 @@ scored in 3-D against the ground truth, with the volume's real spacing (distance
 * ``auto``: no prompt, for prompt-free multi-class systems (MA-SAM): every class of the volume at once from
   sliding stacks of adjacent slices (``predict_volume``), argmax.
 
+Multi-class volume systems (MA-SAM, which see stacks of slices) take ``auto`` (prompt-free) or, box-prompted,
+``box3d``: one box per scan, the tight 3-D box of all its labelled voxels (every class), given to every slice of
+its range, every class at once (``predict_volume(box3d=...)``); the slices outside its range are background.
+
 One row per (volume, class): Dice, IoU, HD95, HD (mm) and NSD (tolerance in mm), the slices prompted, the
 ground truth's slices. Means are over rows (volume x class) and per class.
 """
@@ -32,7 +36,7 @@ from tqdm import tqdm
 from imedsam.data.cases import EvalCase
 from imedsam.data.interaction import Protocol, encode_case, run_case
 from imedsam.data.prompts import box_from_mask
-from imedsam.data.volume_prompts import SliceFrame, VolumePrompt, segment_volume
+from imedsam.data.volume_prompts import SliceFrame, VolumePrompt, segment_volume, volume_box
 from imedsam.errors import ImedsamError
 from imedsam.evaluate.metrics import binary_metrics
 from imedsam.models.views import FlipView
@@ -119,6 +123,15 @@ def evaluate_volume(system, case_id: str, image: np.ndarray, labels: np.ndarray,
         predicted = system.predict_volume(image, device=device, amp_dtype=amp_dtype).argmax(0).numpy()
         for c in targets:
             preds[c] = predicted == c
+    elif protocol == "box3d" and hasattr(system, "predict_volume"):  # box-prompted volume system: 1 box per scan
+        if frame.array_axis != 0:
+            raise ImedsamError("--axis: a volume model runs across the axis it was trained on (k)")
+        box3d = volume_box(np.isin(labels, targets)) if targets else None
+        predicted = (np.zeros(labels.shape, np.int64) if box3d is None else  # no object: nothing to prompt
+                     system.predict_volume(image, device=device, amp_dtype=amp_dtype, box3d=box3d).argmax(0).numpy())
+        for c in targets:
+            preds[c] = predicted == c
+            prompted[c] = 0 if box3d is None else int(box3d[5] - box3d[2])
     elif protocol == "box":
         for s in range(labels.shape[frame.array_axis]):
             on_slice = [c for c in targets if int(frame.take(gts[c], s).sum()) >= min_foreground]
@@ -218,6 +231,9 @@ def run_volume_evaluation(*, run: str | None, model: str | None, checkpoint: str
                                "propagate (auto is for prompt-free volume models, e.g. a trained ma_sam run)")
     else:
         system.check_prompts(["box"])
+        if hasattr(system, "predict_volume") and prompt != "box3d":
+            raise ImedsamError(f"--prompt {prompt}: {run or model!r} sees stacks of slices and takes one 3-D box "
+                               "per scan; use --prompt box3d")
     prepare_for_inference(system, dev, amp)
     results = evaluate_volumes(system, cases, prompt, axis=axis, window=window, device=dev, amp_dtype=amp,
                                views=views, min_foreground=min_foreground, nsd_tolerance=nsd_tolerance,

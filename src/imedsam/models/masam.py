@@ -189,22 +189,41 @@ class MASAM(SegmentationSystem):
                               else prob.new_zeros(()) for k in range(out.shape[1])])[None]
         return DecodeResult(logits=out, scores=scores)
 
-    def stack_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, D, 3, S, S)`` normalised stacks -> ``(B, D, num_classes + 1, S', S')`` class logits (prompt-free),
-        the D slices of each stack seen together by the 3-D adapters."""
+    @property
+    def box_prompted(self) -> bool:
+        """The box-prompted variant (``decoder.prompt: box``): every slice of a stack takes the scan's box."""
+        return self.config.decoder.prompt == "box"
+
+    def stack_logits(self, images: torch.Tensor, boxes: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, D, 3, S, S)`` normalised stacks -> ``(B, D, num_classes + 1, S', S')`` class logits, the D slices
+        of each stack seen together by the 3-D adapters. ``boxes``: ``(B, 4)`` half-open xyxy boxes in
+        encoder-input pixels (0..S), one per stack and given to each of its slices: required by the
+        box-prompted variant, refused by the prompt-free one."""
         b, d = images.shape[:2]
+        if self.box_prompted and boxes is None:
+            raise ImedsamError("ma_sam: this model was built box-prompted (decoder.prompt: box); give a box per "
+                               "stack (--box3d on a volume)")
+        if boxes is not None and not self.box_prompted:
+            raise ImedsamError("ma_sam: this model is prompt-free (decoder.prompt: none); it takes no box")
         emb = self.encode(images.reshape(b * d, *images.shape[2:]), num_slices=d)
-        logits = self.class_logits(emb)
+        per_slice = None if boxes is None else boxes.reshape(b, 1, 4).expand(b, d, 4).reshape(b * d, 4)
+        logits = self.class_logits(emb, per_slice)
         return logits.reshape(b, d, *logits.shape[1:])
 
     @torch.inference_mode()
     def predict_volume(self, volume: torch.Tensor | np.ndarray, *, device: torch.device | str = "cpu",
-                       amp_dtype: torch.dtype | None = None, stride: int = 1) -> torch.Tensor:
-        """Class probabilities of a uint8 ``(D, H, W)`` display volume, prompt-free (systems.md §C.7): a stack of
+                       amp_dtype: torch.dtype | None = None, stride: int = 1,
+                       box3d: tuple[float, ...] | None = None) -> torch.Tensor:
+        """Class probabilities of a uint8 ``(D, H, W)`` display volume (systems.md §C.7): a stack of
         ``stack_depth`` slices centred on every ``stride``-th slice (edges repeated), each slice resized to the
         encoder input S x S as in training (:class:`imedsam.data.stacks.StacksDataset`), its softmax
         probabilities resized back to (H, W) and averaged over every stack that holds the slice. Returns
-        float32 ``(num_classes + 1, D, H, W)`` on the CPU; ``argmax(0)`` is the label volume."""
+        float32 ``(num_classes + 1, D, H, W)`` on the CPU; ``argmax(0)`` is the label volume.
+
+        ``box3d``: the box-prompted variant's prompt (and only its), ``(i0, j0, k0, i1, j1, k1)`` half-open on
+        the ``(D, H, W) = (k, j, i)`` array (the order of ``--box3d``): stacks are centred on the slices of
+        ``[k0, k1)``, each slice given the box's in-plane extent, and only those slices are predicted (every
+        other slice, and nothing outside the box's range, is background: probability 1 for class 0)."""
         from imedsam.runtime import autocast
 
         vol = torch.as_tensor(np.asarray(volume), dtype=torch.float32)
@@ -214,21 +233,42 @@ class MASAM(SegmentationSystem):
         total = torch.zeros(self.num_classes + 1, n, height, width)
         count = torch.zeros(n)
         half = depth // 2
-        centres = list(range(0, n, max(1, stride)))
-        if centres[-1] != n - 1:
-            centres.append(n - 1)
+        lo, hi, box = self._volume_prompt(box3d, (n, height, width))
+        centres = list(range(lo, hi, max(1, stride)))
+        if centres[-1] != hi - 1:
+            centres.append(hi - 1)
         resized = F.interpolate(vol[:, None], size=(size, size), mode="bilinear", align_corners=False)  # once
         for centre in centres:
             idx = torch.clamp(torch.arange(centre - half, centre + half + 1), 0, n - 1)
             x = self.preprocess.normalize_tensor(resized[idx].expand(-1, 3, -1, -1).to(device))
             with autocast(torch.device(device), amp_dtype):
-                logits = self.stack_logits(x[None])[0].float()  # (depth, K + 1, S', S')
+                logits = (self.stack_logits(x[None])[0] if box is None
+                          else self.stack_logits(x[None], box.to(device))[0]).float()  # (depth, K + 1, S', S')
             prob = torch.softmax(F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False),
                                  dim=1).cpu()
             for j, z in enumerate(idx.tolist()):
-                total[:, z] += prob[j]
-                count[z] += 1
+                if lo <= z < hi:
+                    total[:, z] += prob[j]
+                    count[z] += 1
+        total[0, count == 0] = 1.0  # slices outside the box's range: background
         return total / count.clamp(min=1)[None, :, None, None]
+
+    def _volume_prompt(self, box3d, shape: tuple[int, int, int]) -> tuple[int, int, torch.Tensor | None]:
+        """[lo, hi) slices to predict and the ``(1, 4)`` box in encoder-input pixels (None: prompt-free)."""
+        n, height, width = shape
+        if box3d is None:
+            if self.box_prompted:
+                raise ImedsamError("ma_sam: this model was trained box-prompted (decoder.prompt: box); give "
+                                   "--box3d I0 J0 K0 I1 J1 K1 (or --prompt box3d to evaluate)")
+            return 0, n, None
+        if not self.box_prompted:
+            raise ImedsamError("--box3d: this MA-SAM model is prompt-free (decoder.prompt: none); use --auto")
+        b = [float(v) for v in box3d]
+        if len(b) != 6 or not (0 <= b[0] < b[3] <= width and 0 <= b[1] < b[4] <= height and 0 <= b[2] < b[5] <= n):
+            raise ImedsamError(f"--box3d: {b} is not a half-open box inside the {width}x{height}x{n} (IxJxK) volume")
+        size = self.preprocess.img_size
+        box = torch.tensor([[b[0] * size / width, b[1] * size / height, b[3] * size / width, b[4] * size / height]])
+        return int(np.floor(b[2])), int(np.ceil(b[5])), box
 
     def param_groups(self) -> dict[str, list[torch.nn.Parameter]]:
         """Mask decoder + prompt encoder at ``optim.lr_decoder``; FacT and the 3-D adapters at ``optim.lr_adapter``."""

@@ -52,8 +52,10 @@ def training_dataset(cfg: TrainConfig, index, objective_cls):
     if getattr(objective_cls, "items", None) == "stacks":
         from imedsam.data.stacks import StacksDataset
 
+        box_prompt = getattr(getattr(cfg.model, "decoder", None), "prompt", "none") == "box"  # MA-SAM's box variant
         return StacksDataset(index, split=d.train_split, depth=cfg.model.stack_depth, size=size, augment=augment,
-                             seed=cfg.run.seed, foreground_prob=cfg.objective.foreground_prob)
+                             seed=cfg.run.seed, foreground_prob=cfg.objective.foreground_prob,
+                             box_prompt=box_prompt)
     common = dict(split=d.train_split, size=size, augment=augment, box_jitter=jitter, seed=cfg.run.seed,
                   min_foreground=d.min_foreground)
     masks_per_image = getattr(cfg.objective, "masks_per_image", None)
@@ -88,22 +90,27 @@ def make_validator(val_cases, protocols, *, size, device, amp, seed):
 
 
 def make_volume_validator(val_refs, *, device, amp):
-    """Prompt-free multi-class systems (MA-SAM): ``validate(system) -> {"dice", "n"}``, the mean over the val
+    """Multi-class volume systems (MA-SAM): ``validate(system) -> {"dice", "n"}``, the mean over the val
     volumes of the mean over the classes present (in the ground truth or the prediction) of the 3-D Dice of
-    ``argmax`` of :meth:`predict_volume`."""
+    ``argmax`` of :meth:`predict_volume` (prompt-free, or the box-prompted variant from the ground truth's tight
+    3-D box)."""
     from imedsam.data.dataset import read_case
+    from imedsam.data.volume_prompts import volume_box
 
     def validate(system) -> dict:
         scores = []
         for ref in val_refs:
             image, labels = read_case(ref)
-            pred = system.predict_volume(image, device=device, amp_dtype=amp).argmax(0).numpy()
+            prompt = {"box3d": volume_box(labels > 0)} if getattr(system, "box_prompted", False) else {}
+            if prompt.get("box3d", ()) is None:  # a box-prompted model has nothing to segment in an empty volume
+                continue
+            pred = system.predict_volume(image, device=device, amp_dtype=amp, **prompt).argmax(0).numpy()
             dice = []
             for c in sorted(set(np.unique(labels).tolist()) | set(np.unique(pred).tolist()) - {0}):
                 g, p = labels == c, pred == c
                 dice.append(2.0 * float((g & p).sum()) / max(float(g.sum() + p.sum()), 1.0))
             scores.append(float(np.mean(dice)) if dice else 1.0)
-        return {"dice": float(np.mean(scores)), "n": len(val_refs)}
+        return {"dice": float(np.mean(scores)) if scores else 0.0, "n": len(scores)}
 
     return validate
 

@@ -2,7 +2,8 @@
 
 Per step: B stacks of D slices (:class:`imedsam.data.stacks.StacksDataset`) go through the encoder together (the
 3-D adapters mix the D slices of a stack), the prompt-free multi-class decoder gives ``num_classes + 1`` logits
-per slice; the loss is ``ce_weight * CE + dice_weight * Dice`` over all classes and all slices of the batch, the
+per slice (the box-prompted variant: each stack's box, ``StacksDataset(box_prompt=True)``, given to all its
+slices); the loss is ``ce_weight * CE + dice_weight * Dice`` over all classes and all slices of the batch, the
 Dice the mean over classes (background included, as MA-SAM) of the soft Dice of the softmax probabilities,
 computed over the whole batch. Logits are resized to the labels' grid (bilinear) first. One optimizer step per
 batch. In a multi-process run the Dice sums are added over the processes, so the Dice is the global batch's.
@@ -57,8 +58,9 @@ class MulticlassStacksObjective(Objective):
         b, d = images.shape[:2]
         images = self.system.preprocess.normalize_tensor(images.reshape(b * d, *images.shape[2:]))
         labels = batch["labels"].to(self.device).reshape(b * d, *batch["labels"].shape[2:])
+        boxes = batch["box"].to(self.device) if "box" in batch else None  # the box-prompted variant: (B, 4)
         with self.autocast():
-            logits = self.system.stack_logits(images.reshape(b, d, *images.shape[1:]))
+            logits = self.system.stack_logits(images.reshape(b, d, *images.shape[1:]), boxes)
         logits = logits.reshape(b * d, *logits.shape[2:]).float()
         if logits.shape[-2:] != labels.shape[-2:]:
             logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)

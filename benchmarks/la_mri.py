@@ -35,11 +35,12 @@ model's output and it trains and scores one volume: a pipeline check, never a fi
 script (tests/test_benchmarks.py); its figures are meaningless and every line says so.
 
     python benchmarks/la_mri.py [--out runs/la_mri] [--budget-minutes 90] [--box3d-minutes 90]
-                                [--imedsam-run DIR] [--skip-train] [--totalseg] [--quick] [--seed 2023]
-                                [--precision auto]
+                                [--methods a,b] [--imedsam-run DIR] [--skip-train] [--totalseg] [--quick]
+                                [--seed 2023] [--precision auto]
 
 A finished training is reused and an unfinished one resumed, so a second call adds what the first left out
-(e.g. ``--box3d-minutes 0`` first, the box-prompted variant later).
+(e.g. ``--methods ma_sam_box3d`` after a first call without it); ``la_results.json`` keeps every method's latest
+result, ``results.jsonl`` every call's lines.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ DATA = ROOT.parent / "shared" / "data"
 LA = DATA / "la-mri"
 TOTALSEG = DATA / "totalseg-example"
 CONFIG = ROOT / "configs" / "ma-sam-la.yaml"
+LA_METHODS = ("ma_sam_auto", "ma_sam_box3d", "litemedsam_box", "litemedsam_propagate", "imedsam_box")
 QUICK_NOTE = ("--quick: a smoke run (a few training steps at 64 px on volumes cropped to a slab of slices); the "
               "figures are meaningless")
 METRICS = ("per volume in 3-D on its own grid: Dice; HD95 in mm (MONAI, max of the two directed 95th "
@@ -282,13 +284,18 @@ def la_rows(args, emit: Printer, data: Path, out: Path) -> None:
     common = protocol(prompt="", resolution=f"each slice's longest side resized to 256, padded; {native}",
                       precision=_precision_name(args.precision), training="none (zero-shot)",
                       split=f"test: the {'cropped ' if args.quick else ''}imagesTs volumes", intensity=_intensity(data))
+    wanted = set(args.methods.split(","))
     run = out / "la_ma_sam_auto"
-    info = train_run(overrides, data, run, skip_train=args.skip_train)
-    emit(row="train", method="ma_sam_auto", config=str(CONFIG.relative_to(ROOT)), overrides=overrides, **info)
+    info = {"skipped": "not in --methods"}
+    if "ma_sam_auto" in wanted:
+        info = train_run(overrides, data, run, skip_train=args.skip_train)
+        emit(row="train", method="ma_sam_auto", config=str(CONFIG.relative_to(ROOT)), overrides=overrides, **info)
     box_run = out / "la_ma_sam_box3d"
     box_overrides = [o for o in overrides if not o.startswith("optim.max_minutes=")] + [
         f"optim.max_minutes={args.box3d_minutes:g}", "model.decoder.prompt=box"]
-    if args.box3d_minutes > 0:
+    if "ma_sam_box3d" not in wanted:
+        box_info = {"skipped": "not in --methods"}
+    elif args.box3d_minutes > 0:
         box_info = train_run(box_overrides, data, box_run, skip_train=args.skip_train)
         emit(row="train", method="ma_sam_box3d", config=str(CONFIG.relative_to(ROOT)), overrides=box_overrides,
              **box_info)
@@ -320,8 +327,11 @@ def la_rows(args, emit: Printer, data: Path, out: Path) -> None:
             **common, "training": f"the run {imedsam_run}", "resolution": f"the run's encoder input; {native}",
             "prompt": "each slice's tight ground-truth box (half-open), every slice with ground truth"}),
     ]
-    results = {}
+    previous = out / "la_results.json"  # a call scoring some methods keeps the others' results
+    results = json.loads(previous.read_text()) if previous.is_file() else {}
     for name, how, skip, proto in methods:
+        if name not in wanted:
+            continue
         if skip is not None:
             emit(row="method", method=name, skipped=skip, protocol=proto)
             continue
@@ -368,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="wall-clock training budget of each MA-SAM training (optim.max_minutes)")
     parser.add_argument("--box3d-minutes", type=float, default=90.0,
                         help="wall-clock training budget of the box-prompted MA-SAM (0: not trained)")
+    parser.add_argument("--methods", default=",".join(LA_METHODS),
+                        help=f"comma-separated methods to train and score (default: all of {','.join(LA_METHODS)})")
     parser.add_argument("--imedsam-run", default=None, help="a trained I-MedSAM LA run folder to score")
     parser.add_argument("--skip-train", action="store_true", help="score the runs already in --out")
     parser.add_argument("--totalseg", action="store_true", help="also the TotalSegmentator example smoke run")
@@ -379,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.budget_minutes <= 0 or args.totalseg_minutes <= 0 or args.box3d_minutes < 0:
         parser.error("--budget-minutes and --totalseg-minutes must be positive, --box3d-minutes >= 0")
+    unknown = set(args.methods.split(",")) - set(LA_METHODS)
+    if unknown:
+        parser.error(f"--methods: unknown {', '.join(sorted(unknown))}; choose from {', '.join(LA_METHODS)}")
     if args.quick:
         args.budget_minutes = min(args.budget_minutes, 1.0)
         args.box3d_minutes = min(args.box3d_minutes, 1.0)
@@ -398,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
             totalseg_rows(args, emit, out)
         else:
             emit(row="smoke", method="ma_sam_totalseg", skipped=f"{TOTALSEG} not found")
-    (out / "results.jsonl").write_text("".join(json.dumps(line, default=str) + "\n" for line in emit.lines))
+    with open(out / "results.jsonl", "a") as fh:  # every call's lines, appended
+        fh.write("".join(json.dumps(line, default=str) + "\n" for line in emit.lines))
     return 0
 
 

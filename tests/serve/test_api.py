@@ -186,14 +186,22 @@ def test_token_required_on_every_api_call(make_client, disc_png):
     assert _open(client, disc_png, "disc.png", **ok).status_code == 201
 
 
-def test_sessions_expire_and_are_bounded(make_client, disc_png):
-    import time
+def test_sessions_expire_and_are_bounded(make_client, disc_png, monkeypatch):
+    import types
 
-    client = make_client(max_sessions=2, session_ttl_s=0.5)
+    from imedsam.serve import sessions
+
+    now = [1000.0]  # the sessions' clock, moved by hand (a loaded machine cannot make the test late)
+    monkeypatch.setattr(sessions, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    client = make_client(max_sessions=2, session_ttl_s=60)
     ids = [_open(client, disc_png, f"d{i}.png").json()["id"] for i in range(3)]
     assert client.get(f"/api/sessions/{ids[0]}").status_code == 404  # least recently used closed
+    now[0] += 59
+    assert client.get(f"/api/sessions/{ids[2]}").status_code == 200  # used: its idle time starts again
+    now[0] += 59
+    assert client.get(f"/api/sessions/{ids[1]}").status_code == 404  # idle 118 s > 60
     assert client.get(f"/api/sessions/{ids[2]}").status_code == 200
-    time.sleep(0.7)
+    now[0] += 61
     assert client.get(f"/api/sessions/{ids[2]}").status_code == 404
 
 
@@ -280,3 +288,46 @@ def test_embed_ahead_of_the_first_prompt(make_client, small_nifti):
     res = client.post(f"/api/sessions/{sid}/segment", json={"slice": 3, "box": [14, 9, 31, 26]}).json()
     assert res["embedded"] is False
     assert client.post(f"/api/sessions/{sid}/embed", json={"slice": 9}).status_code == 400
+
+
+@pytest.mark.parametrize("prompt", ["none", "box"])
+def test_volume_models_answer_auto_or_a_3d_box_as_the_library(small_nifti, prompt):
+    """MA-SAM served: prompt-free -> `auto` gives every class of the whole volume (a new object per class),
+    box-prompted -> `box3d` predicts the box's slices from sliding stacks; both equal `predict_volume` on the
+    same display volume; slice prompts are refused in one line (400)."""
+    import torch
+    from fastapi.testclient import TestClient
+
+    from imedsam import io
+    from imedsam.infer.segmenter import Segmenter
+    from imedsam.models.masam import MASAMConfig, build_masam
+    from imedsam.serve import ServeSettings, create_app
+
+    torch.manual_seed(0)
+    system = build_masam(MASAMConfig(backbone="tiny_tinyvit_test", stack_depth=3,
+                                     decoder={"num_classes": 2, "prompt": prompt}), pretrained=False)
+    seg = Segmenter(system, device="cpu", precision="fp32")
+    display = io.to_display_volume(io.read(small_nifti))
+    with TestClient(create_app(ServeSettings(model="ma_sam"), segmenters={"ma_sam": seg})) as client:
+        assert client.get("/api/models").json()["models"][0]["volume"] is True
+        sid = _open(client, small_nifti.read_bytes(), "vol.nii.gz").json()["id"]
+        if prompt == "none":
+            res = client.post(f"/api/sessions/{sid}/auto", json={"slice": 2})
+            want = system.predict_volume(display).argmax(0).numpy()
+        else:
+            res = client.post(f"/api/sessions/{sid}/box3d", json={"box3d": [14, 9, 1, 31, 26, 5], "object": 3})
+            want = (system.predict_volume(display, box3d=(14, 9, 1, 31, 26, 5)).argmax(0).numpy() > 0) * 3
+        assert res.status_code == 200, res.text
+        planes = np.stack([decode_png(client.get(f"/api/sessions/{sid}/slices/{k}/labels.png").content)
+                           for k in range(6)])
+        assert want.any()
+        np.testing.assert_array_equal(planes, want)  # class c -> object c (ids start at 1)
+        if prompt == "box":
+            assert not planes[[0, 5]].any()  # outside the box's slices
+        assert sorted(res.json()["changed_slices"]) == [k for k in range(6) if want[k].any()]
+        r = client.post(f"/api/sessions/{sid}/segment", json={"box": [14, 9, 31, 26], "slice": 2})
+        assert r.status_code == 400
+        assert ("takes no prompts" if prompt == "none" else "whole volumes") in r.json()["detail"]
+        wrong = "box3d" if prompt == "none" else "auto"
+        body = {"box3d": [14, 9, 1, 31, 26, 5]} if wrong == "box3d" else {"slice": 2}
+        assert client.post(f"/api/sessions/{sid}/{wrong}", json=body).status_code == 400

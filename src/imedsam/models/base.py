@@ -93,6 +93,12 @@ class SegmentationSystem(nn.Module):
     config: Any = None
     preprocess = None
 
+    @classmethod
+    def prompts_for(cls, config: Any) -> tuple[frozenset[str], bool]:
+        """``(prompt_types, prompt_free)`` of the system built from ``config`` (a config-chosen variant, such as
+        MA-SAM's box-prompted decoder, may differ from the class's defaults), known without building it."""
+        return cls.prompt_types, cls.prompt_free
+
     def encode(self, images: torch.Tensor, valid_hw: tuple[int, int] | None = None) -> torch.Tensor:
         """(B, 3, S, S) prepared images -> (B, C, h, w) image embeddings.
 

@@ -120,9 +120,7 @@ class MASAM(SegmentationSystem):
         super().__init__()
         self.config = config
         self.stack_depth = config.stack_depth
-        if config.decoder.prompt == "box":  # the box-prompted variant
-            self.prompt_types = frozenset({"box"})  # type: ignore[misc]
-            self.prompt_free = False  # type: ignore[misc]
+        self.prompt_types, self.prompt_free = self.prompts_for(config)  # type: ignore[misc]
         p = config.peft
         reference = config.mode == "reference"
         encoder = sam.image_encoder
@@ -150,6 +148,11 @@ class MASAM(SegmentationSystem):
                 self.mask_decoder.output_upscaling.load_state_dict(old.output_upscaling.state_dict())
         self.mask_decoder.requires_grad_(True)
         self.preprocess = sam.preprocess
+
+    @classmethod
+    def prompts_for(cls, config: MASAMConfig) -> tuple[frozenset[str], bool]:
+        """Prompt-free, or one box per slice for the box-prompted variant (``decoder.prompt: box``)."""
+        return (frozenset({"box"}), False) if config.decoder.prompt == "box" else (frozenset(), True)
 
     @property
     def num_classes(self) -> int:

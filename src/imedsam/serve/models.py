@@ -4,7 +4,7 @@ one by its name; nothing it sends is ever used as a path. Models are built on fi
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from imedsam.errors import ImedsamError
@@ -23,18 +23,22 @@ class ModelEntry:
     prompt_types: tuple[str, ...]
     has_uncertainty: bool
     prompt_free: bool
+    volume: bool = False  # segments whole volumes from stacks of slices (MA-SAM): auto / 3-D box only
 
     def public(self) -> dict:
         return {"name": self.name, "prompt_types": list(self.prompt_types), "uncertainty": self.has_uncertainty,
-                "prompt_free": self.prompt_free, "kind": "run" if self.adapter is not None else "model"}
+                "prompt_free": self.prompt_free, "volume": self.volume,
+                "kind": "run" if self.adapter is not None else "model"}
 
 
 def _entry(name: str, model: str | None, adapter: Path | None) -> ModelEntry:
-    from imedsam.models.registry import system_class
+    from imedsam.models.registry import saved_config, system_class
 
     cls = system_class(model, adapter=adapter)
-    return ModelEntry(name, model, adapter, tuple(sorted(cls.prompt_types)), bool(cls.has_uncertainty),
-                      bool(cls.prompt_free))
+    prompt_types, prompt_free = (cls.prompt_types, cls.prompt_free) if adapter is None else \
+        cls.prompts_for(saved_config(adapter)[1])  # a run may be a variant (MA-SAM's box-prompted decoder)
+    return ModelEntry(name, model, adapter, tuple(sorted(prompt_types)), bool(cls.has_uncertainty),
+                      bool(prompt_free), hasattr(cls, "predict_volume"))
 
 
 def _runs(folder: Path) -> list[Path]:
@@ -61,6 +65,10 @@ class ModelCatalog:
                     self.entries[name] = _entry(name, None, run)
         self.default = default.name
         self._loaded: dict[str, Segmenter] = dict(loaded or {})
+        for key, seg in self._loaded.items():  # a model given built: what it takes is its own
+            if key in self.entries:
+                self.entries[key] = replace(self.entries[key], prompt_types=tuple(sorted(seg.system.prompt_types)),
+                                            prompt_free=bool(seg.system.prompt_free))
         self._lock = threading.Lock()
 
     def entry(self, name: str | None) -> ModelEntry:

@@ -31,6 +31,17 @@ MAX_OBJECTS = 255
 UNDO_DEPTH = 64
 
 
+def is_volume_model(seg: Segmenter) -> bool:
+    """A system that segments whole volumes from stacks of adjacent slices (MA-SAM), not slice by slice."""
+    return hasattr(seg.system, "predict_volume")
+
+
+def _refuse_volume_model(seg: Segmenter, what: str) -> None:
+    if is_volume_model(seg):
+        raise ImedsamError(f"{what}: this model segments whole volumes from stacks of adjacent slices; use automatic "
+                           "mode (prompt-free models) or a 3-D box (box-prompted ones)")
+
+
 @dataclass
 class _Undo:
     planes: dict[int, np.ndarray]                        # slice -> its label plane before the change
@@ -167,6 +178,7 @@ class Session:
         """A box (which starts the object's interaction on this slice afresh) and/or a click (added to it); the
         object's mask on the slice becomes the new prediction."""
         k, obj = self.check_slice(k), self.check_object(obj)
+        _refuse_volume_model(seg, "segment")
         with self.lock:
             key = (k, obj, model)
             before = self._tracks.get(key, [])
@@ -186,6 +198,8 @@ class Session:
         from imedsam.infer.automatic import generate_masks
 
         k = self.check_slice(k)
+        if is_volume_model(seg):
+            return self._auto_volume(seg, k, window)
         with self.lock:
             fork = seg.fork()
             fork.set_image_state(self.state(seg, model, k, window))
@@ -201,6 +215,31 @@ class Session:
                 ids.append(first + n)
             return Result(k, plane.copy(), objects=ids)
 
+    def _auto_volume(self, seg: Segmenter, k: int, window: str) -> Result:
+        """A prompt-free volume model (MA-SAM): every class of the whole volume at once, class c becoming object
+        ``offset + c`` (``offset`` = the largest id in use, so a first run gives class ids), on the voxels no
+        object holds yet."""
+        if not self.is_volume:
+            raise ImedsamError("auto: this model segments volumes from stacks of adjacent slices; open a volume")
+        with self.lock:
+            classes = self._predict_volume(seg, window)
+            offset = int(self.labels.max())
+            present = [int(c) for c in np.unique(classes) if 0 < c <= MAX_OBJECTS - offset]
+            changed = [s for s in range(self.shape[0]) if np.isin(classes[s], present).any()]
+            self._push(_Undo({s: self.labels[s].copy() for s in changed}))
+            free = self.labels == 0
+            for c in present:
+                self.labels[(classes == c) & free] = offset + c
+            return Result(k, self.labels[k].copy(), area=int(np.isin(classes, present).sum()),
+                          changed_slices=changed, objects=[offset + c for c in present])
+
+    def _predict_volume(self, seg: Segmenter, window: str, box3d: tuple[float, ...] | None = None) -> np.ndarray:
+        """Class ids (D, H, W) of a volume model on this volume's display (prompt-free, or from one 3-D box)."""
+        prompt = {} if box3d is None else {"box3d": box3d}
+        probs = seg.system.predict_volume(self.display(window), device=seg.device, amp_dtype=seg.amp_dtype,
+                                          **prompt)
+        return probs.argmax(0).numpy()
+
     def _predictor_source(self, seg: Segmenter, model: str, window: str):
         fork = seg.fork()
         return fork, (lambda s: fork.set_image_state(self.state(seg, model, s, window)))
@@ -212,6 +251,7 @@ class Session:
         k, obj = self.check_slice(k), self.check_object(obj)
         if not self.is_volume:
             raise ImedsamError("propagate: this session is a 2-D image; propagation runs through a volume")
+        _refuse_volume_model(seg, "propagate")
         with self.lock:
             start = self.labels[k] == obj
             if mask_box(start) is None:
@@ -236,15 +276,19 @@ class Session:
     def box3d(self, seg: Segmenter, model: str, obj: int, box3d: tuple[float, ...], *, window: str = "auto",
               current: int = 0) -> Result:
         """Object ``obj`` from a 3-D box (i0, j0, k0, i1, j1, k1), half-open voxel indices: a box on every slice
-        of its range (:func:`imedsam.data.volume_prompts.segment_volume`)."""
+        of its range (:func:`imedsam.data.volume_prompts.segment_volume`), or, for a box-prompted volume model
+        (MA-SAM), the box's slices from sliding stacks, every foreground class counted as the object."""
         obj = self.check_object(obj)
         if not self.is_volume:
             raise ImedsamError("box3d: this session is a 2-D image; draw a box on it instead")
         prompt = VolumePrompt(box3d=tuple(float(v) for v in box3d))
         check_volume_prompt(prompt, self.shape)
         with self.lock:
-            fork, set_slice = self._predictor_source(seg, model, window)
-            mask, score = segment_volume_with(fork, self.display(window), prompt, FRAME, set_slice=set_slice)
+            if is_volume_model(seg):  # the box-prompted MA-SAM: the box's slices from stacks, every class as one
+                mask, score = self._predict_volume(seg, window, prompt.box3d) > 0, None
+            else:
+                fork, set_slice = self._predictor_source(seg, model, window)
+                mask, score = segment_volume_with(fork, self.display(window), prompt, FRAME, set_slice=set_slice)
             changed = [s for s in range(self.shape[0]) if mask[s].any() or (self.labels[s] == obj).any()]
             self._push(_Undo({s: self.labels[s].copy() for s in changed}))
             for s in changed:

@@ -1,6 +1,7 @@
 """The page driven in headless Chromium (Debian's chromium + chromium-driver, through Selenium), against a real
 uvicorn server with LiteMedSAM: open the pydicom CT slice, draw a box, compare the downloaded mask with
-`imedsam segment` for the same box, add a background click, open a small NIfTI volume and scroll. A screenshot of
+`imedsam segment` for the same box, add a background click, open a small NIfTI volume, scroll, and segment a
+3-D box (drawn box, first and last slice marked with keys). A screenshot of
 each step is kept in test-artifacts/serve/."""
 
 from __future__ import annotations
@@ -134,6 +135,7 @@ def _labels(driver) -> np.ndarray:
 def test_box_click_download_and_volume_scroll(server, browser, tmp_path, capsys):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
+    from selenium.webdriver.common.keys import Keys
 
     from imedsam.cli import main
 
@@ -196,5 +198,22 @@ def test_box_click_download_and_volume_scroll(server, browser, tmp_path, capsys)
     _wait(driver, "return window.imedsam.slice === 4 && window.imedsam.labels.has(4)", "the next slice")
     assert driver.find_element("id", "sliceinfo").text != info_before == "slice 4 / 7"
     driver.save_screenshot(str(ARTIFACTS / "4-volume-scrolled.png"))
+
+    # a 3-D box: draw it on slice 4 (the bright block spans x 15..30, y 10..25, slices 1..5), mark slice 4 as
+    # its first slice (F), go down 2 slices, mark the last (L), segment (B): slices 2..4 get the object
+    ActionChains(driver).move_to_element_with_offset(canvas, *_offset(driver, 13, 8)).click_and_hold() \
+        .move_to_element_with_offset(canvas, *_offset(driver, 32, 27)).release().perform()
+    _wait(driver, "return window.imedsam.box !== null && window.imedsam.busy === 0", "the drawn box")
+    driver.execute_script("document.activeElement.blur()")  # keys go to the page, not the file input
+    ActionChains(driver).send_keys("f").send_keys(Keys.ARROW_DOWN).send_keys(Keys.ARROW_DOWN).perform()
+    _wait(driver, "return window.imedsam.slice === 2", "slice 2")
+    ActionChains(driver).send_keys("l").send_keys("b").perform()
+    _wait(driver, "return window.imedsam.last && window.imedsam.last.changed_slices.length >= 3 && "
+                  "window.imedsam.busy === 0", "the 3-D box's masks")
+    assert "3-D box slices 5–3" in driver.find_element("id", "sliceinfo").text
+    changed = driver.execute_script("return window.imedsam.last.changed_slices")
+    assert sorted(changed) == [2, 3, 4], changed
+    assert (_labels(driver) == 1).sum() > 50  # slice 2's plane, inside the block
+    driver.save_screenshot(str(ARTIFACTS / "5-volume-box3d.png"))
     logs = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     assert not logs, logs

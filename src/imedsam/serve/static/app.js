@@ -13,6 +13,7 @@ const state = {
   heatmaps: new Map(),      // `${slice}:${object}` -> ImageData of the uncertainty (0..255)
   images: new Map(),        // `${window}:${slice}` -> ImageBitmap
   busy: 0, last: null, drag: null, version: 0,
+  box: null, range: [null, null],   // the 3-D box: the last drawn 2-D box and its first / last slice
 };
 window.imedsam = state;    // for tests and the console
 
@@ -86,6 +87,8 @@ async function openFile(file) {
     $("slicebar").hidden = info.slices <= 1;
     $("slice").max = info.slices - 1;
     $("propagate").disabled = info.kind !== "volume";
+    $("box3d").disabled = info.kind !== "volume";
+    state.box = null; state.range = [null, null];
     $("download").disabled = false;
     const fmt = $("format");
     fmt.innerHTML = "";
@@ -127,7 +130,7 @@ async function showSlice(k) {
   k = Math.max(0, Math.min(state.session.slices - 1, k));
   state.slice = k;
   $("slice").value = k;
-  $("sliceinfo").textContent = `slice ${k + 1} / ${state.session.slices}`;
+  $("sliceinfo").textContent = `slice ${k + 1} / ${state.session.slices}` + rangeText();
   const version = state.version;
   const bmp = await sliceBitmap(k);
   if (version !== state.version || k !== state.slice) return;
@@ -146,7 +149,7 @@ let prefetchTimer = null;
 function prefetch(k) {
   clearTimeout(prefetchTimer);
   prefetchTimer = setTimeout(() => {
-    if (!state.session || k !== state.slice || state.busy) return;
+    if (!state.session || k !== state.slice || state.busy || volumeModel()) return;
     api("POST", `/api/sessions/${state.session.id}/embed`, target()).catch(() => {});
   }, 400);
 }
@@ -215,6 +218,36 @@ async function applyResult(r) {
 
 function target(extra) {
   return Object.assign({ slice: state.slice, model: state.model, window: state.window }, extra || {});
+}
+
+function volumeModel() {   // MA-SAM: whole volumes from stacks of slices (auto, or one 3-D box)
+  const m = state.models.find((x) => x.name === state.model);
+  return !!(m && m.volume);
+}
+
+function rangeText() {
+  const [a, b] = state.range;
+  if (a === null && b === null) return "";
+  const f = (v) => (v === null ? "?" : v + 1);
+  return ` · 3-D box slices ${f(a)}–${f(b)}`;
+}
+
+function markRange(end) {   // F / L: the 3-D box's first / last slice is the current one
+  if (!state.session || state.session.slices <= 1) return;
+  state.range[end] = state.slice;
+  $("sliceinfo").textContent = `slice ${state.slice + 1} / ${state.session.slices}` + rangeText();
+}
+
+async function box3d() {
+  if (!state.session || state.session.slices <= 1) return;
+  const [a, b] = state.range;
+  if (!state.box || a === null || b === null) {
+    status("error", "3-D box: draw a box, mark its first slice (F) and its last slice (L), then press B");
+    return;
+  }
+  const [x0, y0, x1, y1] = state.box.map((v) => Math.round(v));
+  const body = target({ object: state.current, box3d: [x0, y0, Math.min(a, b), x1, y1, Math.max(a, b) + 1] });
+  await action("box3d", body, "segmenting the 3-D box…");
 }
 
 function wantsUncertainty() {
@@ -307,7 +340,9 @@ function bindCanvas() {
       const box = [cl(Math.min(x0, x), c.width), cl(Math.min(y0, y), c.height),
         cl(Math.max(x0, x), c.width), cl(Math.max(y0, y), c.height)];
       drawPrompt(box);
-      segment({ box });
+      state.box = box;
+      if (volumeModel()) status("idle", "box kept: mark the first (F) and last (L) slice, then 3-D box (B)");
+      else segment({ box });
     } else {
       drawPoint(x0, y0, 1);
       segment({ point: [x0, y0], label: 1 });
@@ -343,6 +378,7 @@ function bindControls() {
   $("clear").onclick = () => { drawPrompt(null); action("clear", { slice: state.slice, object: state.current }, "clearing…"); };
   $("auto").onclick = () => action("auto", target(), "automatic masks… (a grid of prompts)");
   $("propagate").onclick = () => action("propagate", target({ object: state.current }), "propagating through the volume…");
+  $("box3d").onclick = box3d;
   $("download").onclick = download;
   document.addEventListener("keydown", (ev) => {
     if (ev.target.tagName === "INPUT" && ev.target.type !== "range" && ev.target.type !== "checkbox") return;
@@ -360,6 +396,9 @@ function bindControls() {
     else if (k === "c" || k === "C") $("clear").click();
     else if (k === "a" || k === "A") $("auto").click();
     else if ((k === "p" || k === "P") && !$("propagate").disabled) $("propagate").click();
+    else if (k === "f" || k === "F") markRange(0);
+    else if (k === "l" || k === "L") markRange(1);
+    else if ((k === "b" || k === "B") && !$("box3d").disabled) $("box3d").click();
     else if (k === "h" || k === "H") { $("heat").checked = !$("heat").checked; $("heat").onchange({ target: $("heat") }); }
     else if (k === "d" || k === "D") download();
     else if (k === "[" || k === "]") {
@@ -377,7 +416,10 @@ async function loadModels() {
   state.model = info.default;
   const sel = $("model");
   sel.innerHTML = "";
-  for (const m of info.models) sel.add(new Option(m.name + (m.uncertainty ? " (uncertainty)" : ""), m.name));
+  for (const m of info.models) {
+    const note = m.uncertainty ? " (uncertainty)" : m.volume ? (m.prompt_free ? " (volumes, automatic)" : " (volumes, 3-D box)") : "";
+    sel.add(new Option(m.name + note, m.name));
+  }
   sel.value = info.default;
 }
 

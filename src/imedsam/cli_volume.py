@@ -126,8 +126,16 @@ def _segment_volume_stacks(args: argparse.Namespace, sample: Sample, box3d: tupl
         raise ImedsamError(f"--auto: {args.adapter!r} was trained with box prompts; give --box3d I0 J0 K0 I1 J1 K1")
     if box3d is not None and seg.system.prompt_free:
         raise ImedsamError(f"--box3d: {model or args.adapter!r} is prompt-free (trained without boxes); use --auto")
+    from tqdm.auto import tqdm
+
     prompt = {} if box3d is None else {"box3d": box3d}
-    probs = seg.system.predict_volume(display, device=seg.device, amp_dtype=seg.amp_dtype, **prompt)
+    with tqdm(unit="stack", desc="segment", leave=False) as bar:
+        def step(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        probs = seg.system.predict_volume(display, device=seg.device, amp_dtype=seg.amp_dtype, on_stack=step,
+                                          **prompt)
     labels = probs.argmax(0).numpy().astype(np.uint8 if probs.shape[0] <= 256 else np.uint16)
     written = {"labels": str(_write_labels(args.out, labels, sample).resolve())}
     if args.overlay:

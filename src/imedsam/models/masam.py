@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -216,7 +216,8 @@ class MASAM(SegmentationSystem):
     @torch.inference_mode()
     def predict_volume(self, volume: torch.Tensor | np.ndarray, *, device: torch.device | str = "cpu",
                        amp_dtype: torch.dtype | None = None, stride: int = 1,
-                       box3d: tuple[float, ...] | None = None) -> torch.Tensor:
+                       box3d: tuple[float, ...] | None = None,
+                       on_stack: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """Class probabilities of a uint8 ``(D, H, W)`` display volume (systems.md §C.7): a stack of
         ``stack_depth`` slices centred on every ``stride``-th slice (edges repeated), each slice resized to the
         encoder input S x S as in training (:class:`imedsam.data.stacks.StacksDataset`), its softmax
@@ -226,7 +227,8 @@ class MASAM(SegmentationSystem):
         ``box3d``: the box-prompted variant's prompt (and only its), ``(i0, j0, k0, i1, j1, k1)`` half-open on
         the ``(D, H, W) = (k, j, i)`` array (the order of ``--box3d``): stacks are centred on the slices of
         ``[k0, k1)``, each slice given the box's in-plane extent, and only those slices are predicted (every
-        other slice, and nothing outside the box's range, is background: probability 1 for class 0)."""
+        other slice, and nothing outside the box's range, is background: probability 1 for class 0).
+        ``on_stack(done, total)`` is called after each stack (progress bars)."""
         from imedsam.runtime import autocast
 
         vol = torch.as_tensor(np.asarray(volume), dtype=torch.float32)
@@ -241,7 +243,7 @@ class MASAM(SegmentationSystem):
         if centres[-1] != hi - 1:
             centres.append(hi - 1)
         resized = F.interpolate(vol[:, None], size=(size, size), mode="bilinear", align_corners=False)  # once
-        for centre in centres:
+        for done, centre in enumerate(centres, 1):
             idx = torch.clamp(torch.arange(centre - half, centre + half + 1), 0, n - 1)
             x = self.preprocess.normalize_tensor(resized[idx].expand(-1, 3, -1, -1).to(device))
             with autocast(torch.device(device), amp_dtype):
@@ -253,6 +255,8 @@ class MASAM(SegmentationSystem):
                 if lo <= z < hi:
                     total[:, z] += prob[j]
                     count[z] += 1
+            if on_stack is not None:
+                on_stack(done, len(centres))
         total[0, count == 0] = 1.0  # slices outside the box's range: background
         return total / count.clamp(min=1)[None, :, None, None]
 

@@ -271,8 +271,17 @@ def la_rows(args, emit: Printer, data: Path, out: Path) -> None:
     from imedsam.train.config import load_config
 
     quick = ["data.image_size=64", "optim.max_steps=2", "optim.batch_size=1", "optim.warmup_steps=0"]
-    overrides = [f"optim.max_minutes={args.budget_minutes:g}", f"run.seed={args.seed}", *(quick if args.quick
-                                                                                           else [])]
+    base = load_config(CONFIG, []).optim
+
+    def budget(minutes: float) -> list[str]:
+        """The wall-clock budget, and the cosine schedule's length scaled with it (the config's steps are what
+        its own budget holds), so that a shorter run still decays its learning rate."""
+        if args.quick:
+            return [f"optim.max_minutes={minutes:g}"]
+        steps = max(10, round(base.max_steps * minutes / base.max_minutes))
+        return [f"optim.max_minutes={minutes:g}", f"optim.max_steps={steps}"]
+
+    overrides = [*budget(args.budget_minutes), f"run.seed={args.seed}", *(quick if args.quick else [])]
     cfg = load_config(CONFIG, overrides)
     size = cfg.data.image_size
     d = cfg.data
@@ -291,8 +300,8 @@ def la_rows(args, emit: Printer, data: Path, out: Path) -> None:
         info = train_run(overrides, data, run, skip_train=args.skip_train)
         emit(row="train", method="ma_sam_auto", config=str(CONFIG.relative_to(ROOT)), overrides=overrides, **info)
     box_run = out / "la_ma_sam_box3d"
-    box_overrides = [o for o in overrides if not o.startswith("optim.max_minutes=")] + [
-        f"optim.max_minutes={args.box3d_minutes:g}", "model.decoder.prompt=box"]
+    box_overrides = [*budget(args.box3d_minutes), f"run.seed={args.seed}", *(quick if args.quick else []),
+                     "model.decoder.prompt=box"]
     if "ma_sam_box3d" not in wanted:
         box_info = {"skipped": "not in --methods"}
     elif args.box3d_minutes > 0:

@@ -311,6 +311,7 @@ def test_volume_models_answer_auto_or_a_3d_box_as_the_library(small_nifti, promp
     with TestClient(create_app(ServeSettings(model="ma_sam"), segmenters={"ma_sam": seg})) as client:
         assert client.get("/api/models").json()["models"][0]["volume"] is True
         sid = _open(client, small_nifti.read_bytes(), "vol.nii.gz").json()["id"]
+        assert client.post(f"/api/sessions/{sid}/embed", json={"slice": 2}).json()["embedded"] is False  # no-op
         if prompt == "none":
             res = client.post(f"/api/sessions/{sid}/auto", json={"slice": 2})
             want = system.predict_volume(display).argmax(0).numpy()

@@ -241,6 +241,12 @@ def create_app(settings: ServeSettings | None = None, *, segmenters: dict[str, S
 
         return the_gate().run(work)
 
+    async def answer(s: Session, req: Target, fn) -> LabelsResponse:
+        """``fn(segmenter, entry)`` on slice ``req.slice`` of session ``s``, gated, answered with the labels."""
+        s.check_slice(req.slice)
+        result, started, fresh = await model_work(s, req, fn)
+        return _response(result, started, fresh)
+
     @app.post("/api/sessions/{sid}/segment", response_model=LabelsResponse, **api)
     async def segment(sid: str, req: SegmentRequest) -> LabelsResponse:
         """A box and/or a click for one object on one slice; the object's mask there becomes the prediction."""
@@ -254,11 +260,9 @@ def create_app(settings: ServeSettings | None = None, *, segmenters: dict[str, S
                                f"not {' + '.join(kinds)}")
         if req.uncertainty and not entry.has_uncertainty:
             raise ImedsamError(f"model {entry.name!r} has no uncertainty map (implicit decoders have one)")
-        s.check_slice(req.slice)
-        result, started, fresh = await model_work(s, req, lambda seg, e: s.interact(
+        return await answer(s, req, lambda seg, e: s.interact(
             seg, e.name, req.slice, req.object, window=req.window, box=req.box, point=req.point, label=req.label,
             uncertainty=req.uncertainty))
-        return _response(result, started, fresh)
 
     @app.post("/api/sessions/{sid}/embed", **api)
     async def embed(sid: str, req: Target) -> dict:
@@ -266,6 +270,8 @@ def create_app(settings: ServeSettings | None = None, *, segmenters: dict[str, S
         a no-op when it is cached already."""
         s = session(sid)
         s.check_slice(req.slice)
+        if catalog.entry(req.model).volume:  # it segments whole volumes: no per-slice embedding to make
+            return {"slice": req.slice, "embedded": False, "seconds": 0.0}
         _, started, fresh = await model_work(s, req, lambda seg, e: s.state(seg, e.name, req.slice, req.window))
         return {"slice": req.slice, "embedded": fresh, "seconds": round(time.perf_counter() - started, 4)}
 
@@ -273,28 +279,21 @@ def create_app(settings: ServeSettings | None = None, *, segmenters: dict[str, S
     async def automatic(sid: str, req: Target) -> LabelsResponse:
         """Automatic masks of a slice (a grid of point prompts, SAM's generator), each a new object."""
         s = session(sid)
-        s.check_slice(req.slice)
-        result, started, fresh = await model_work(s, req, lambda seg, e: s.auto(seg, e.name, req.slice,
-                                                                                   window=req.window))
-        return _response(result, started, fresh)
+        return await answer(s, req, lambda seg, e: s.auto(seg, e.name, req.slice, window=req.window))
 
     @app.post("/api/sessions/{sid}/propagate", response_model=LabelsResponse, **api)
     async def propagate(sid: str, req: ObjectRequest) -> LabelsResponse:
         """Follow an object from this slice through the volume (each slice prompted by the previous mask's box)."""
         s = session(sid)
-        s.check_slice(req.slice)
-        result, started, fresh = await model_work(s, req, lambda seg, e: s.propagate(
-            seg, e.name, req.slice, req.object, window=req.window))
-        return _response(result, started, fresh)
+        return await answer(s, req, lambda seg, e: s.propagate(seg, e.name, req.slice, req.object,
+                                                               window=req.window))
 
     @app.post("/api/sessions/{sid}/box3d", response_model=LabelsResponse, **api)
     async def box3d(sid: str, req: Box3dRequest) -> LabelsResponse:
         """An object from a 3-D box: a box on every slice of its range. Returns the current slice's plane."""
         s = session(sid)
-        s.check_slice(req.slice)
-        result, started, fresh = await model_work(s, req, lambda seg, e: s.box3d(
-            seg, e.name, req.object, req.box3d, window=req.window, current=req.slice))
-        return _response(result, started, fresh)
+        return await answer(s, req, lambda seg, e: s.box3d(seg, e.name, req.object, req.box3d, window=req.window,
+                                                           current=req.slice))
 
     @app.post("/api/sessions/{sid}/undo", response_model=LabelsResponse, **api)
     async def undo(sid: str, req: SliceRequest) -> LabelsResponse:

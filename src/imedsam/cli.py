@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the mask slice by slice, each prompted with the previous mask's box, until it vanishes")
     p.add_argument("--axis", default="k", choices=("i", "j", "k"),
                    help="volume: slice across this file axis (default k, the third: axial for most CT/MR)")
+    p.add_argument("--largest-component", action="store_true",
+                   help="volume: keep each label's largest 3-D connected component (26-connected)")
     p.add_argument("--mask-input", default=None, metavar="PREV",
                    help="a previous mask of the image (PNG, non-zero = object) or low-res logits (.npy) as a "
                         "mask prompt, to refine it with --point")
@@ -194,7 +196,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
         return segment_volume_command(args, sample)
     volume_only = [flag for flag, given in (("--box3d", args.box3d), ("--propagate", args.propagate),
-                                            ("--axis", args.axis != "k")) if given]
+                                            ("--axis", args.axis != "k"),
+                                            ("--largest-component", args.largest_component)) if given]
     if volume_only:
         raise ImedsamError(f"{volume_only[0]}: {args.image} is a 2D image; {volume_only[0]} goes with a volume "
                            "(use --box X0 Y0 X1 Y1 / --point X Y LABEL)")

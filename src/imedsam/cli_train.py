@@ -100,6 +100,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="3-D datasets: segment each volume slice by slice and score it per volume and class in 3-D "
                         "(mm from its spacing); --prompt box (each slice's GT box) | box3d | propagate | auto "
                         "(prompt-free models)")
+    p.add_argument("--largest-component", action="store_true",
+                   help="--volumes: keep each class's largest 3-D connected component before scoring (the usual "
+                        "post-processing of single-structure benchmarks such as the left atrium)")
     p.add_argument("--axis", default="k", choices=("i", "j", "k"),
                    help="--volumes: slice across this file axis (default k, the third: axial for most CT/MR)")
     p.add_argument("--window", default=None,
@@ -221,7 +224,8 @@ def _volume_only_flags(args: argparse.Namespace) -> None:
             if given:
                 raise ImedsamError(f"{flag}: not with --volumes (volumes are scored on their own grid, per class)")
     else:
-        for flag, given in (("--axis", args.axis != "k"), ("--window", args.window)):
+        for flag, given in (("--axis", args.axis != "k"), ("--window", args.window),
+                            ("--largest-component", args.largest_component)):
             if given:
                 raise ImedsamError(f"{flag}: goes with --volumes (3-D scoring); 2-D evaluation slices volumes "
                                    "along their first array axis with one window per volume")
@@ -240,7 +244,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                         window=parse_window(args.window), device=args.device,
                                         precision=args.precision, seed=args.seed, limit=args.limit, tta=args.tta,
                                         min_foreground=args.min_foreground, nsd_tolerance=args.nsd_tolerance,
-                                        empty_policy=_empty_policy(args.empty_policy), preprocess=args.preprocess)
+                                        empty_policy=_empty_policy(args.empty_policy), preprocess=args.preprocess,
+                                        largest_component=args.largest_component)
         print(json.dumps(summary))
         return 0
     sizes, sweep = _sizes(args)

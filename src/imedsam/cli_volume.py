@@ -90,6 +90,8 @@ def segment_volume_command(args: argparse.Namespace, sample: Sample) -> int:
     with tqdm(total=planned_slices(prompt, frame, shape), unit="slice", desc="segment", leave=False) as bar:
         mask, _ = segment_volume_with(seg, display, prompt, frame, multimask=args.multimask,
                                       min_component=args.min_component, on_slice=lambda s, m: bar.update(1))
+    if args.largest_component:
+        mask = _largest_per_label(mask.astype(np.uint8)) > 0
     written = {"labels": str(_write_labels(args.out, mask.astype(np.uint8), sample).resolve())}
     areas = mask.sum(axis=tuple(a for a in range(3) if a != frame.array_axis))
     if args.overlay:
@@ -137,6 +139,8 @@ def _segment_volume_stacks(args: argparse.Namespace, sample: Sample, box3d: tupl
         probs = seg.system.predict_volume(display, device=seg.device, amp_dtype=seg.amp_dtype, on_stack=step,
                                           **prompt)
     labels = probs.argmax(0).numpy().astype(np.uint8 if probs.shape[0] <= 256 else np.uint16)
+    if args.largest_component:
+        labels = _largest_per_label(labels)
     written = {"labels": str(_write_labels(args.out, labels, sample).resolve())}
     if args.overlay:
         best = int(np.argmax((labels > 0).sum(axis=(1, 2))))
@@ -145,6 +149,17 @@ def _segment_volume_stacks(args: argparse.Namespace, sample: Sample, box3d: tupl
     voxels = {int(c): int((labels == c).sum()) for c in np.unique(labels) if c > 0}
     print(json.dumps({"voxels_per_class": voxels, **written}))
     return 0
+
+
+def _largest_per_label(labels: np.ndarray) -> np.ndarray:
+    """Each label value of a (D, H, W) label volume reduced to its largest 3-D connected component."""
+    from imedsam.models.postprocess import largest_component
+
+    out = np.zeros_like(labels)
+    for value in np.unique(labels):
+        if value:
+            out[largest_component(labels == value)] = value
+    return out
 
 
 def _write_labels(out: str, labels: np.ndarray, sample: Sample) -> Path:

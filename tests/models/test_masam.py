@@ -286,11 +286,22 @@ def test_box_prompted_ma_sam_trains_segments_and_scores_from_one_3d_box(tmp_path
     image = root / "imagesTr" / "b_000_0000.nii.gz"
     out = tmp_path / "labels.nii.gz"
     run = str(tmp_path / "run")
+    torch.manual_seed(0)  # the tiny test backbone's frozen weights are random (no checkpoint): the same for both
     assert main(["segment", str(image), "--adapter", run, "--box3d", "2", "1", "1", "18", "13", "4",
-                 "--out", str(out), "--device", "cpu"]) == 0
+                 "--out", str(out), "--device", "cpu", "--precision", "fp32"]) == 0
     written = np.asarray(nib.load(str(out)).dataobj)  # (i, j, k)
     assert written.shape == nib.load(str(image)).shape
     assert not written[..., [0, 4, 5]].any()  # outside k in [1, 4): background
+    lcc_out = tmp_path / "lcc.nii.gz"
+    torch.manual_seed(0)
+    assert main(["segment", str(image), "--adapter", run, "--box3d", "2", "1", "1", "18", "13", "4",
+                 "--largest-component", "--out", str(lcc_out), "--device", "cpu", "--precision", "fp32"]) == 0
+    lcc = np.asarray(nib.load(str(lcc_out)).dataobj)
+    from scipy import ndimage
+
+    for value in np.unique(lcc)[1:]:  # one 26-connected component per label, inside the label's own voxels
+        assert ndimage.label(lcc == value, structure=np.ones((3, 3, 3)))[1] == 1
+        assert (written[lcc == value] == value).all()
     assert main(["evaluate", "--run", run, "--data", str(root), "--split", "all", "--volumes", "--prompt", "box3d",
                  "--out", str(tmp_path / "report"), "--device", "cpu"]) == 0
     rows = list(csv.DictReader(open(tmp_path / "report" / "cases.csv")))

@@ -47,3 +47,25 @@ def test_count_components_with_a_size_fraction():
     assert count_components(np.zeros((5, 5), bool), 0.05) == 0
     with pytest.raises(ImedsamError, match="count_components"):
         count_components(np.stack([m, m]))
+
+
+def test_largest_component_keeps_the_biggest_26_connected_blob():
+    from imedsam.models.postprocess import largest_component
+
+    m = np.zeros((4, 10, 10), bool)
+    m[0:3, 1:5, 1:5] = True  # 48 voxels
+    m[3, 8, 8] = True  # 1 voxel, apart
+    m[1, 7:9, 0:2] = True  # 4 voxels, apart
+    out = largest_component(m)
+    assert out.sum() == 48 and out[0:3, 1:5, 1:5].all()
+    corner = np.zeros((3, 5, 5), bool)
+    corner[0, 0, 0] = corner[1, 1, 1] = True  # touching by a corner only: one component in 26-connectivity
+    corner[2, 4, 4] = True
+    assert largest_component(corner).sum() == 2
+    assert not largest_component(np.zeros((2, 3, 3), bool)).any()
+    flat = np.zeros((6, 6), bool)
+    flat[0, 0] = True
+    flat[3:5, 3:6] = True
+    assert largest_component(flat).sum() == 6  # 2-D: 8-connected
+    with pytest.raises(ImedsamError):
+        largest_component(np.zeros(5, bool))

@@ -20,6 +20,10 @@ Multi-class volume systems (MA-SAM, which see stacks of slices) take ``auto`` (p
 ``box3d``: one box per scan, the tight 3-D box of all its labelled voxels (every class), given to every slice of
 its range, every class at once (``predict_volume(box3d=...)``); the slices outside its range are background.
 
+``largest_component`` (off by default; recorded in the report): each class's prediction is reduced to its largest
+3-D connected component (26-connected) before scoring, the usual post-processing of single-structure volume
+benchmarks.
+
 One row per (volume, class): Dice, IoU, HD95, HD (mm) and NSD (tolerance in mm), the slices prompted, the
 ground truth's slices. Means are over rows (volume x class) and per class.
 """
@@ -39,6 +43,7 @@ from imedsam.data.prompts import box_from_mask
 from imedsam.data.volume_prompts import SliceFrame, VolumePrompt, segment_volume, volume_box
 from imedsam.errors import ImedsamError
 from imedsam.evaluate.metrics import binary_metrics
+from imedsam.models.postprocess import largest_component as keep_largest
 from imedsam.models.views import FlipView
 
 log = logging.getLogger(__name__)
@@ -106,7 +111,7 @@ def evaluate_volume(system, case_id: str, image: np.ndarray, labels: np.ndarray,
                     spacing: tuple[float, ...] | None, protocol: str, *, frame: SliceFrame, device: torch.device,
                     amp_dtype=None, views: tuple[FlipView, ...] = (FlipView(),), min_foreground: int = 1,
                     nsd_tolerance: float = 1.0, empty_policy="nan", seed: int = 0,
-                    classes: list[int] | None = None) -> list[VolumeResult]:
+                    classes: list[int] | None = None, largest_component: bool = False) -> list[VolumeResult]:
     """Segment and score every class of one volume (``image`` uint8 (D, H, W), ``labels`` int (D, H, W)).
 
     ``box``: slice by slice, each slice encoded once for all the objects on it; ``box3d`` / ``propagate``: object
@@ -157,7 +162,7 @@ def evaluate_volume(system, case_id: str, image: np.ndarray, labels: np.ndarray,
     others = tuple(a for a in range(3) if a != frame.array_axis)
     results = []
     for c in targets:
-        gt, pred = gts[c], preds[c]
+        gt, pred = gts[c], (keep_largest(preds[c]) if largest_component else preds[c])
         row = {"case": f"{case_id}#c{c}", "volume": case_id, "class": c,
                **binary_metrics(pred, gt, spacing=spacing, nsd_tolerance=nsd_tolerance, empty_policy=empty_policy),
                "slices_prompted": prompted[c], "gt_slices": int(gt.any(axis=others).sum()),
@@ -171,7 +176,7 @@ def evaluate_volume(system, case_id: str, image: np.ndarray, labels: np.ndarray,
 def evaluate_volumes(system, cases, protocol: str, *, axis: str = "k", window=None, device: torch.device,
                      amp_dtype=None, views: tuple[FlipView, ...] = (FlipView(),), min_foreground: int = 1,
                      nsd_tolerance: float = 1.0, empty_policy="nan", seed: int = 0,
-                     progress: bool = True) -> list[VolumeResult]:
+                     progress: bool = True, largest_component: bool = False) -> list[VolumeResult]:
     """Every (volume, class) of ``cases`` (:class:`imedsam.data.folders.CaseRef` of 3-D images)."""
     from imedsam.data.dataset import read_case
 
@@ -185,7 +190,8 @@ def evaluate_volumes(system, cases, protocol: str, *, axis: str = "k", window=No
                                "for 2-D data)")
         out.extend(evaluate_volume(system, case.case_id, image, labels, spacing, protocol, frame=frame,
                                    device=device, amp_dtype=amp_dtype, views=views, min_foreground=min_foreground,
-                                   nsd_tolerance=nsd_tolerance, empty_policy=empty_policy, seed=seed))
+                                   nsd_tolerance=nsd_tolerance, empty_policy=empty_policy, seed=seed,
+                                   largest_component=largest_component))
     return out
 
 
@@ -193,7 +199,8 @@ def run_volume_evaluation(*, run: str | None, model: str | None, checkpoint: str
                           prompt: str = "box", axis: str = "k", window=None, device: str = "auto",
                           precision: str = "auto", seed: int = 0, limit: int | None = None, tta: str | None = None,
                           min_foreground: int = 1, nsd_tolerance: float = 1.0, empty_policy="nan",
-                          preprocess: str | None = None, progress: bool = True) -> dict:
+                          preprocess: str | None = None, progress: bool = True,
+                          largest_component: bool = False) -> dict:
     """``imedsam evaluate --volumes``: score a run or a zero-shot model per volume and class on ``split`` of a 3-D
     dataset (module docstring); writes cases.csv, summary.json and report.html in ``out``; returns a summary.
     Every argument is checked before the model is built."""
@@ -237,7 +244,8 @@ def run_volume_evaluation(*, run: str | None, model: str | None, checkpoint: str
     prepare_for_inference(system, dev, amp)
     results = evaluate_volumes(system, cases, prompt, axis=axis, window=window, device=dev, amp_dtype=amp,
                                views=views, min_foreground=min_foreground, nsd_tolerance=nsd_tolerance,
-                               empty_policy=empty_policy, seed=seed, progress=progress)
+                               empty_policy=empty_policy, seed=seed, progress=progress,
+                               largest_component=largest_component)
     if not results:
         raise ImedsamError(f"--data: no volume of split {split!r} has a labelled object")
     rows = [r.row for r in results]
@@ -255,6 +263,7 @@ def run_volume_evaluation(*, run: str | None, model: str | None, checkpoint: str
     config = {"run": str(run) if run else None, "model": model, "checkpoint": checkpoint, "data": str(data),
               "split": split, "volumes": len(cases), "axis": axis, "window": window, "precision": precision,
               "tta": ",".join(v.name for v in views), "min_foreground": min_foreground, "seed": seed,
+              "largest_component": largest_component,
               "preprocess": system.preprocess.pipeline, "prompt": prompt,
               "protocol": " ".join(__doc__.split("Protocol (written into every report):")[1].split())}
     paths = write_report(out, rows, config=config, conventions=metric_conventions, overlays=overlays,

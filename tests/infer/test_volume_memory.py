@@ -15,11 +15,14 @@ import numpy as np
 #: what the segment run may use at its peak (resident set, the whole process: Python, torch, the volume)
 PEAK_RSS_LIMIT_GB = 4.0
 
-#: runs `imedsam segment` in this process and prints its own peak RSS (kB on Linux) as the last line
-_RUNNER = ("import json, resource, sys\n"
+#: runs `imedsam segment` in this process and prints its own peak RSS (kB) as the last line: the memory map's
+#: high-water mark (VmHWM); ru_maxrss is not used, Linux carries the forking parent's (pytest's) peak into it
+_RUNNER = ("import json, re, sys\n"
+           "from pathlib import Path\n"
            "from imedsam.cli import main\n"
            "rc = main(sys.argv[1:])\n"
-           "print(json.dumps({'rc': rc, 'peak_rss_kb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))\n")
+           "hwm = int(re.search(r'VmHWM:\\s*(\\d+) kB', Path('/proc/self/status').read_text()).group(1))\n"
+           "print(json.dumps({'rc': rc, 'peak_rss_kb': hwm}))\n")
 
 
 def _write_ct(path: Path, shape_ijk=(512, 512, 300)) -> None:

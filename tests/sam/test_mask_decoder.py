@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from imedsam.errors import ImedsamError
-from imedsam.sam.mask_decoder import MaskDecoder
+from imedsam.sam.mask_decoder import MaskDecoder, upscale_channels_last
 from imedsam.sam.prompt_encoder import PromptEncoder
 from imedsam.sam.transformer import Attention, TwoWayTransformer
 from tests.reference import lite_medsam_checkpoint, official_segment_anything_modeling
@@ -74,6 +74,38 @@ def test_gradients_reach_the_upscaling_head() -> None:
     dec.upscale(image_tokens).sum().backward()
     assert dec.output_upscaling[0].weight.grad is not None
     assert dec.transformer.layers[0].self_attn.q_proj.weight.grad is not None
+
+
+@pytest.mark.parametrize("widths", [(DIM // 4, DIM // 8), (16, 8, 4, 2)])  # SAM's 4x head, MA-SAM's 16x head
+def test_channels_last_upscaling_is_the_sequential(widths: tuple[int, ...]) -> None:
+    """The up-scaling head computed as matrix products on channels-last tokens gives the ConvTranspose2d /
+    LayerNorm2d / GELU Sequential's values and gradients, from an NCHW or a channels-last input."""
+    torch.manual_seed(3)
+    dec = MaskDecoder(transformer=TwoWayTransformer(depth=1, embedding_dim=DIM, num_heads=HEADS, mlp_dim=MLP_DIM),
+                      upscale_channels=widths, **_small_kwargs())
+    with torch.no_grad():  # non-trivial LayerNorm2d affine terms (they start at 1 and 0)
+        for p in dec.output_upscaling.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(2, DIM, 5, 7)
+    for given in (x, x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)):
+        a = given.clone().requires_grad_(True)
+        b = given.clone().requires_grad_(True)
+        plain = dec.output_upscaling(a)
+        fast = upscale_channels_last(dec.output_upscaling, b)
+        assert fast.shape == plain.shape == (2, widths[-1], 5 * 2 ** len(widths), 7 * 2 ** len(widths))
+        torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+        weight = torch.randn_like(plain)
+        grads_plain = torch.autograd.grad((plain * weight).sum(), [a, *dec.output_upscaling.parameters()])
+        grads_fast = torch.autograd.grad((fast * weight).sum(), [b, *dec.output_upscaling.parameters()])
+        for g_plain, g_fast in zip(grads_plain, grads_fast):
+            torch.testing.assert_close(g_fast, g_plain, rtol=1e-4, atol=1e-4)
+    assert dec.upscale(x).stride()[1] == 1  # channels-last, as documented
+
+
+def test_other_upscaling_layers_run_as_the_sequential() -> None:
+    layers = torch.nn.Sequential(torch.nn.ConvTranspose2d(DIM, 8, kernel_size=3, stride=2), torch.nn.GELU())
+    x = torch.randn(1, DIM, 4, 4)
+    torch.testing.assert_close(upscale_channels_last(layers, x), layers(x))
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,47 @@ from torch import Tensor, nn
 from imedsam.errors import ImedsamError
 from imedsam.sam.common import LayerNorm2d
 
-__all__ = ["MLP", "MaskDecoder"]
+__all__ = ["MLP", "MaskDecoder", "upscale_channels_last"]
+
+#: Modules applied element by element: they run on the channels-last tensor as they are.
+_ELEMENTWISE = (nn.GELU, nn.ReLU, nn.SiLU, nn.Identity)
+
+
+def _is_pixel_shuffle_deconv(layer: nn.Module) -> bool:
+    """A ``ConvTranspose2d`` with kernel 2, stride 2, no padding, groups or dilation (SAM's up-scaling)."""
+    return (isinstance(layer, nn.ConvTranspose2d) and layer.kernel_size == (2, 2) and layer.stride == (2, 2)
+            and layer.padding == (0, 0) and layer.output_padding == (0, 0) and layer.dilation == (1, 1)
+            and layer.groups == 1 and layer.padding_mode == "zeros")
+
+
+def upscale_channels_last(layers: nn.Sequential, x: Tensor) -> Tensor:
+    """``layers(x)`` for SAM's up-scaling head, computed on channels-last tokens; ``x`` (B, C, h, w), any strides.
+
+    A ``ConvTranspose2d`` with kernel 2 and stride 2 writes each input pixel's four output pixels from that pixel
+    alone: ``out[:, o, 2i+a, 2j+b] = bias[o] + sum_c x[:, c, i, j] W[c, o, a, b]``. So it is ONE matrix product
+    ``(B h w, C) @ (C, 4 C')`` whose columns, ordered (a, b, o), are then interleaved into the doubled grid;
+    ``LayerNorm2d`` is a layer norm over the last axis, activations apply element by element. On a CPU this
+    avoids oneDNN's deconvolution and its reorders back to NCHW (the largest part of a prompt's decode on
+    LiteMedSAM) and the six passes of the NCHW layer norm. Same function up to float rounding (tests compare);
+    differentiable. Returns (B, C', f h, f w) with channels-last strides (``.permute(0, 2, 3, 1)`` is
+    contiguous). A head with any other layer runs as the plain ``Sequential``.
+    """
+    if not all(_is_pixel_shuffle_deconv(m) or isinstance(m, (LayerNorm2d, *_ELEMENTWISE)) for m in layers):
+        return layers(x)
+    y = x.permute(0, 2, 3, 1)  # (B, h, w, C): a view when x came channels-last from the transformer
+    for layer in layers:
+        if isinstance(layer, nn.ConvTranspose2d):
+            b, h, w, cin = y.shape
+            cout = layer.out_channels
+            weight = layer.weight.permute(0, 2, 3, 1).reshape(cin, 4 * cout)  # columns (a, b, o)
+            bias = layer.bias.repeat(4) if layer.bias is not None else None
+            z = F.linear(y.reshape(b * h * w, cin), weight.t(), bias)
+            y = z.view(b, h, w, 2, 2, cout).permute(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, cout)
+        elif isinstance(layer, LayerNorm2d):
+            y = F.layer_norm(y, (y.shape[-1],), layer.weight.to(y.dtype), layer.bias.to(y.dtype), layer.eps)
+        else:
+            y = layer(y)
+    return y.permute(0, 3, 1, 2)
 
 
 class MLP(nn.Module):
@@ -179,13 +219,14 @@ class MaskDecoder(nn.Module):
         if src.shape[0] != b:  # image and dense prompt both of batch 1 while B > 1 prompts
             src = src.expand(b, -1, -1, -1)
         tokens_out, image_tokens = self.transformer(src, image_pe, tokens)
-        image_tokens_out = image_tokens.transpose(1, 2).reshape(b, c, h, w)
+        image_tokens_out = image_tokens.transpose(1, 2).unflatten(2, (h, w))  # a channels-last view, no copy
         return tokens_out, image_tokens_out
 
     def upscale(self, image_tokens_out: Tensor) -> Tensor:
         """Up-scale the transformer's image tokens: ``(B, C, h, w) -> (B, C', f h, f w)`` (``output_upscaling``;
-        SAM: ``C' = C/8``, ``f = 4``)."""
-        return self.output_upscaling(image_tokens_out)
+        SAM: ``C' = C/8``, ``f = 4``), computed channels-last (:func:`upscale_channels_last`); the result has
+        channels-last strides."""
+        return upscale_channels_last(self.output_upscaling, image_tokens_out)
 
     # ------------------------------------------------------------------ SAM heads
 

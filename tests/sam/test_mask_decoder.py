@@ -100,6 +100,15 @@ def test_channels_last_upscaling_is_the_sequential(widths: tuple[int, ...]) -> N
         for g_plain, g_fast in zip(grads_plain, grads_fast):
             torch.testing.assert_close(g_fast, g_plain, rtol=1e-4, atol=1e-4)
     assert dec.upscale(x).stride()[1] == 1  # channels-last, as documented
+    with torch.no_grad():  # the last doubling's 2x2 blocks left in place: pixel (2i + a, 2j + b) at [:, i, j, a, b]
+        blocks = upscale_channels_last(dec.output_upscaling, x, interleave_last=False)
+        plain = dec.output_upscaling(x)
+    hh, ww = plain.shape[-2] // 2, plain.shape[-1] // 2
+    assert blocks.shape == (2, hh, ww, 2, 2, widths[-1])
+    for a in (0, 1):
+        for b in (0, 1):
+            torch.testing.assert_close(blocks[:, :, :, a, b].permute(0, 3, 1, 2), plain[:, :, a::2, b::2],
+                                       rtol=1e-5, atol=1e-5)
 
 
 def test_other_upscaling_layers_run_as_the_sequential() -> None:

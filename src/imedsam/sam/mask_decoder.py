@@ -37,7 +37,7 @@ def _is_pixel_shuffle_deconv(layer: nn.Module) -> bool:
             and layer.groups == 1 and layer.padding_mode == "zeros")
 
 
-def upscale_channels_last(layers: nn.Sequential, x: Tensor) -> Tensor:
+def upscale_channels_last(layers: nn.Sequential, x: Tensor, *, interleave_last: bool = True) -> Tensor:
     """``layers(x)`` for SAM's up-scaling head, computed on channels-last tokens; ``x`` (B, C, h, w), any strides.
 
     A ``ConvTranspose2d`` with kernel 2 and stride 2 writes each input pixel's four output pixels from that pixel
@@ -47,24 +47,31 @@ def upscale_channels_last(layers: nn.Sequential, x: Tensor) -> Tensor:
     avoids oneDNN's deconvolution and its reorders back to NCHW (the largest part of a prompt's decode on
     LiteMedSAM) and the six passes of the NCHW layer norm. Same function up to float rounding (tests compare);
     differentiable. Returns (B, C', f h, f w) with channels-last strides (``.permute(0, 2, 3, 1)`` is
-    contiguous). A head with any other layer runs as the plain ``Sequential``.
+    contiguous). A head with any other layer runs as the plain ``Sequential`` (4-D, whatever
+    ``interleave_last``).
+
+    ``interleave_last=False`` leaves the last doubling's 2x2 blocks where the product wrote them: (B, h', w', 2,
+    2, C') with output pixel (2i + a, 2j + b) at ``[:, i, j, a, b]`` (h' = f h / 2). A caller that reduces the
+    channels next (SAM's hypernetwork product) interleaves its few outputs instead of the C' channels.
     """
     if not all(_is_pixel_shuffle_deconv(m) or isinstance(m, (LayerNorm2d, *_ELEMENTWISE)) for m in layers):
         return layers(x)
+    last = max(i for i, m in enumerate(layers) if isinstance(m, nn.ConvTranspose2d)) if len(layers) else -1
     y = x.permute(0, 2, 3, 1)  # (B, h, w, C): a view when x came channels-last from the transformer
-    for layer in layers:
+    for i, layer in enumerate(layers):
         if isinstance(layer, nn.ConvTranspose2d):
             b, h, w, cin = y.shape
             cout = layer.out_channels
             weight = layer.weight.permute(0, 2, 3, 1).reshape(cin, 4 * cout)  # columns (a, b, o)
             bias = layer.bias.repeat(4) if layer.bias is not None else None
-            z = F.linear(y.reshape(b * h * w, cin), weight.t(), bias)
-            y = z.view(b, h, w, 2, 2, cout).permute(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, cout)
+            y = F.linear(y.reshape(b * h * w, cin), weight.t(), bias).view(b, h, w, 2, 2, cout)
+            if i != last or interleave_last:
+                y = y.permute(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, cout)
         elif isinstance(layer, LayerNorm2d):
             y = F.layer_norm(y, (y.shape[-1],), layer.weight.to(y.dtype), layer.bias.to(y.dtype), layer.eps)
         else:
             y = layer(y)
-    return y.permute(0, 3, 1, 2)
+    return y.permute(0, 3, 1, 2) if y.dim() == 4 else y
 
 
 class MLP(nn.Module):
@@ -244,13 +251,19 @@ class MaskDecoder(nn.Module):
         tokens_out, image_tokens_out = self.run_transformer(
             image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
         )
-        upscaled = self.upscale(image_tokens_out)
+        upscaled = upscale_channels_last(self.output_upscaling, image_tokens_out, interleave_last=False)
         mask_tokens_out = tokens_out[:, 1 : 1 + self.num_mask_tokens, :]
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
         )  # (B, num_mask_tokens, C/8)
-        b, c8, hu, wu = upscaled.shape
-        masks = (hyper_in @ upscaled.reshape(b, c8, hu * wu)).reshape(b, self.num_mask_tokens, hu, wu)
+        t = self.num_mask_tokens
+        if upscaled.dim() == 6:  # (B, h', w', 2, 2, C/8): reduce the channels, then interleave the T masks
+            b, hh, ww, _, _, c8 = upscaled.shape
+            blocks = upscaled.reshape(b, hh * ww * 4, c8) @ hyper_in.transpose(1, 2)  # (B, h' w' 4, T)
+            masks = blocks.view(b, hh, ww, 2, 2, t).permute(0, 5, 1, 3, 2, 4).reshape(b, t, 2 * hh, 2 * ww)
+        else:
+            b, c8, hu, wu = upscaled.shape
+            masks = (hyper_in @ upscaled.reshape(b, c8, hu * wu)).reshape(b, t, hu, wu)
         iou_pred = self.iou_prediction_head(tokens_out[:, 0, :])
         return masks, iou_pred
 

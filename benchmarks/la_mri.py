@@ -267,6 +267,13 @@ def _intensity(data: Path) -> str:
 # ----------------------------------------------------------------------------------------------------- main
 
 
+def _budget(info: dict, minutes: float) -> str:
+    """How a scored run was trained: this call's budget, or what a reused run's own record says."""
+    if info.get("reused"):
+        return f"a finished run reused: {info.get('steps')} steps, {info.get('train_minutes')} min of training"
+    return f"budget {minutes:g} min wall clock"
+
+
 def la_rows(args, emit: Printer, data: Path, out: Path) -> None:
     """Train MA-SAM (budgeted), score every method on the test volumes, one line per method and volume."""
     from imedsam.data import discover
@@ -319,19 +326,19 @@ def la_rows(args, emit: Printer, data: Path, out: Path) -> None:
     # (name, evaluation arguments, reason it is not scored or None, protocol)
     methods = [
         ("ma_sam_auto", {"prompt": "auto", "run": run}, info.get("skipped"), {
-            **common, "training": f"{trained}; budget {args.budget_minutes:g} min wall clock",
+            **common, "training": f"{trained}; {_budget(info, args.budget_minutes)}",
             "prompt": "none (automatic): sliding stacks of 5 slices, probabilities averaged per slice, argmax",
             "resolution": f"each slice resized to {size}x{size} (aspect not kept), probabilities resized back; "
                           f"{native}"}),
         ("ma_sam_auto_lcc", {"prompt": "auto", "run": run, "largest_component": True}, info.get("skipped"), {
-            **common, "training": f"{trained}; budget {args.budget_minutes:g} min wall clock (the ma_sam_auto run)",
+            **common, "training": f"{trained}; {_budget(info, args.budget_minutes)} (the ma_sam_auto run)",
             "prompt": "none (automatic), as ma_sam_auto",
             "post_processing": "each class's largest 3-D connected component kept (26-connected), as UA-MT and "
                                "MC-Net evaluate the left atrium",
             "resolution": f"each slice resized to {size}x{size} (aspect not kept), probabilities resized back; "
                           f"{native}"}),
         ("ma_sam_box3d", {"prompt": "box3d", "run": box_run}, box_info.get("skipped"), {
-            **common, "training": f"{trained}; budget {args.box3d_minutes:g} min wall clock; every stack given its "
+            **common, "training": f"{trained}; {_budget(box_info, args.box3d_minutes)}; every stack given its "
                                   "scan's 3-D box (in-plane extent, each side expanded by up to 10 %)",
             "prompt": "one 3-D box per scan: the ground truth's tight box; its slices from sliding stacks of 5, "
                       "probabilities averaged, argmax; the slices outside its range background",

@@ -91,7 +91,9 @@ def segment_volume_command(args: argparse.Namespace, sample: Sample) -> int:
         mask, _ = segment_volume_with(seg, display, prompt, frame, multimask=args.multimask,
                                       min_component=args.min_component, on_slice=lambda s, m: bar.update(1))
     if args.largest_component:
-        mask = _largest_per_label(mask.astype(np.uint8)) > 0
+        from imedsam.models.postprocess import largest_component
+
+        mask = largest_component(mask)
     written = {"labels": str(_write_labels(args.out, mask.astype(np.uint8), sample).resolve())}
     areas = mask.sum(axis=tuple(a for a in range(3) if a != frame.array_axis))
     if args.overlay:
@@ -140,7 +142,9 @@ def _segment_volume_stacks(args: argparse.Namespace, sample: Sample, box3d: tupl
                                           **prompt)
     labels = probs.argmax(0).numpy().astype(np.uint8 if probs.shape[0] <= 256 else np.uint16)
     if args.largest_component:
-        labels = _largest_per_label(labels)
+        from imedsam.models.postprocess import largest_component_per_label
+
+        labels = largest_component_per_label(labels)
     written = {"labels": str(_write_labels(args.out, labels, sample).resolve())}
     if args.overlay:
         best = int(np.argmax((labels > 0).sum(axis=(1, 2))))
@@ -149,17 +153,6 @@ def _segment_volume_stacks(args: argparse.Namespace, sample: Sample, box3d: tupl
     voxels = {int(c): int((labels == c).sum()) for c in np.unique(labels) if c > 0}
     print(json.dumps({"voxels_per_class": voxels, **written}))
     return 0
-
-
-def _largest_per_label(labels: np.ndarray) -> np.ndarray:
-    """Each label value of a (D, H, W) label volume reduced to its largest 3-D connected component."""
-    from imedsam.models.postprocess import largest_component
-
-    out = np.zeros_like(labels)
-    for value in np.unique(labels):
-        if value:
-            out[largest_component(labels == value)] = value
-    return out
 
 
 def _write_labels(out: str, labels: np.ndarray, sample: Sample) -> Path:

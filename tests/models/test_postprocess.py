@@ -69,3 +69,17 @@ def test_largest_component_keeps_the_biggest_26_connected_blob():
     assert largest_component(flat).sum() == 6  # 2-D: 8-connected
     with pytest.raises(ImedsamError):
         largest_component(np.zeros(5, bool))
+
+
+def test_largest_component_per_label_keeps_each_labels_biggest_blob():
+    from imedsam.models.postprocess import largest_component_per_label
+
+    labels = np.zeros((3, 8, 8), np.uint8)
+    labels[0:2, 0:3, 0:3] = 1  # 18 voxels
+    labels[2, 7, 7] = 1  # a speck of label 1
+    labels[0, 5:8, 5:8] = 2  # 9 voxels
+    labels[2, 0, 7] = 2  # a speck of label 2
+    out = largest_component_per_label(labels)
+    assert out.dtype == labels.dtype
+    assert (out == 1).sum() == 18 and (out == 2).sum() == 9
+    assert out[2, 7, 7] == 0 and out[2, 0, 7] == 0

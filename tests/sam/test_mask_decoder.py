@@ -115,6 +115,8 @@ def test_other_upscaling_layers_run_as_the_sequential() -> None:
     layers = torch.nn.Sequential(torch.nn.ConvTranspose2d(DIM, 8, kernel_size=3, stride=2), torch.nn.GELU())
     x = torch.randn(1, DIM, 4, 4)
     torch.testing.assert_close(upscale_channels_last(layers, x), layers(x))
+    activation_only = torch.nn.Sequential(torch.nn.GELU())  # no up-scaling layer at all: the activation alone
+    torch.testing.assert_close(upscale_channels_last(activation_only, x, interleave_last=False), activation_only(x))
 
 
 @pytest.mark.parametrize(

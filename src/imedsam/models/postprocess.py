@@ -39,17 +39,26 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim not in (2, 3):
         raise ImedsamError(f"largest_component: expected a (H, W) or (D, H, W) mask, got {mask.shape}")
-    labels, n = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, dtype=bool))
-    if n <= 1:
+    labels, sizes = _components(mask)
+    if sizes.size <= 1:
         return mask
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
-    sizes[0] = 0
-    return labels == int(np.argmax(sizes))
+    return labels == int(np.argmax(sizes)) + 1
+
+
+def largest_component_per_label(labels: np.ndarray) -> np.ndarray:
+    """A label map ((H, W) or (D, H, W) integers, 0 = background) with each label's voxels reduced to that
+    label's :func:`largest_component`; the rest becomes background."""
+    out = np.zeros_like(labels)
+    for value in np.unique(labels):
+        if value:
+            out[largest_component(labels == value)] = value
+    return out
 
 
 def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """8-connected labels of a (H, W) bool ``mask`` (0 = background) and the pixel count of labels 1..n."""
-    labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    """Labels of a bool ``mask`` (0 = background; 8-connected in 2-D, 26-connected in 3-D) and the pixel count of
+    labels 1..n."""
+    labels, n = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, dtype=bool))
     return labels, np.bincount(labels.ravel(), minlength=n + 1)[1:]
 
 

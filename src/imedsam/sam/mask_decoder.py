@@ -56,7 +56,7 @@ def upscale_channels_last(layers: nn.Sequential, x: Tensor, *, interleave_last: 
     """
     if not all(_is_pixel_shuffle_deconv(m) or isinstance(m, (LayerNorm2d, *_ELEMENTWISE)) for m in layers):
         return layers(x)
-    last = max(i for i, m in enumerate(layers) if isinstance(m, nn.ConvTranspose2d)) if len(layers) else -1
+    last = max((i for i, m in enumerate(layers) if isinstance(m, nn.ConvTranspose2d)), default=-1)
     y = x.permute(0, 2, 3, 1)  # (B, h, w, C): a view when x came channels-last from the transformer
     for i, layer in enumerate(layers):
         if isinstance(layer, nn.ConvTranspose2d):

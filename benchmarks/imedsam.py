@@ -5,7 +5,9 @@ Figures (each in its own subprocess, peak RSS is the process's):
   to 1024^2: median of 5 runs after a warm-up run (``min_seconds``/``max_seconds``: their range), larger
   grids: one run; frozen weights are stored in the autocast dtype once, as :class:`imedsam.Segmenter` and
   ``imedsam evaluate`` do;
-* ``train_step``: one optimizer step, batch 1, ``points`` sampled query points per image;
+* ``train_step``: one optimizer step, batch 1, ``points`` sampled query points per image: median of 5 steps
+  after 2 warm-up steps (the first steps also allocate the optimizer state and are 0.2-1 s slower), as the
+  reference's figures are medians of warm calls; ``min_seconds``/``max_seconds``: their range;
 * ``decode_only``: the implicit decoder alone at large grids (2048^2, 4096^2) with bounded memory;
 * ``click``: zero-shot LiteMedSAM through :class:`imedsam.Segmenter` (what ``serve`` and ``predict`` run) on a
   ``grid`` x ``grid`` RGB image: the embedding (``encoder_seconds``, median of 3) and a box + one point on the
@@ -196,7 +198,7 @@ def run_case(name: str, threads: int, precision: str, run: Path | None = None) -
         boxes = torch.tensor([[s / 4, s / 4, 3 * s / 4, 3 * s / 4]])
         loss_fn = BCEDiceLoss()
         times = []
-        for step in range(3):
+        for step in range(7):
             start = time.perf_counter()
             with autocast(cpu, amp):  # as the training loop
                 coarse, fine, targets = system.forward_train(images, boxes, masks, n_points=case["points"],
@@ -206,7 +208,9 @@ def run_case(name: str, threads: int, precision: str, run: Path | None = None) -
             loss.backward()
             opt.step()
             times.append(time.perf_counter() - start)
-        result.update(seconds_per_step=round(min(times[1:]), 3), batch=1)
+        timed = sorted(times[2:])
+        result.update(seconds_per_step=round(timed[len(timed) // 2], 3), min_seconds=round(timed[0], 3),
+                      max_seconds=round(timed[-1], 3), timed_steps=len(timed), batch=1)
     result["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2)
     return result
 
@@ -222,6 +226,9 @@ def main() -> None:
     parser.add_argument("--against", default=None, metavar="REV",
                         help="also run git revision REV's benchmark, alternating with this tree (see above)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the --against comparison (default 3)")
+    parser.add_argument("--this-script", action="store_true",
+                        help="--against: measure the revision's sources with this tree's benchmark script (the "
+                             "same protocol on both sides when the script changed since REV)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -242,7 +249,8 @@ def main() -> None:
 
 def compare_revisions(args: argparse.Namespace, precisions: list[str]) -> None:
     """This working tree vs git revision ``args.against``, alternating round by round (JSON lines tagged with
-    ``revision``). The revision runs its own benchmark script from a temporary worktree with its own sources."""
+    ``revision``). The revision runs its own benchmark script from a temporary worktree with its own sources, or
+    this tree's script on its sources with ``--this-script`` (when the measurement protocol changed since)."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="imedsam-against-") as tmp:
@@ -259,8 +267,9 @@ def compare_revisions(args: argparse.Namespace, precisions: list[str]) -> None:
                     for precision in precisions:
                         for label, tree in trees.items():
                             env = dict(os.environ, THP_MEM_ALLOC_ENABLE="1", PYTHONPATH=str(tree / "src"))
+                            script_root = ROOT if args.this_script else tree
                             proc = subprocess.run(
-                                [sys.executable, str(tree / "benchmarks" / "imedsam.py"), "--one", name,
+                                [sys.executable, str(script_root / "benchmarks" / "imedsam.py"), "--one", name,
                                  "--threads", str(args.threads), "--precisions", precision, "--run", run],
                                 env=env, capture_output=True, text=True, check=False)
                             lines = proc.stdout.strip().splitlines()

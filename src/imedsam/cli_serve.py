@@ -53,7 +53,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              max_queue=args.max_queue, request_timeout_s=args.request_timeout,
                              cache_mb=args.cache_mb, max_sessions=args.max_sessions, session_ttl_s=args.session_ttl)
     app = create_app(settings)
-    app.state.catalog.segmenter(None)  # load the default model before the first request
+    catalog = app.state.catalog
+    default = catalog.segmenter(None)  # load the default model before the first request
+    if not catalog.entry(None).volume:  # and run it once, so that the first prompt is not the model's first call
+        default.warm_up()
     shown = "localhost" if args.host in ("127.0.0.1", "0.0.0.0", "::") else args.host
     url = f"http://{shown}:{args.port}/" + (f"#token={args.token}" if args.token else "")
     print(f"imedsam serve: open {url} (API docs: http://{shown}:{args.port}/docs); Ctrl-C stops", file=sys.stderr)

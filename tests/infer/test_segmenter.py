@@ -52,3 +52,25 @@ def test_user_errors(segmenter):
         segmenter.predict(points=[[3, 3]], point_labels=[5])
     with pytest.raises(ImedsamError, match="unknown model"):
         Segmenter("sam_vit_x")
+
+
+def test_warm_up_runs_the_model_once_and_leaves_the_segmenter_untouched(segmenter, monkeypatch):
+    calls = {"encode": 0, "decode": 0}
+    encode, decode = segmenter.system.encode, segmenter.system.decode
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(segmenter.system, "encode", counted("encode", encode))
+    monkeypatch.setattr(segmenter.system, "decode", counted("decode", decode))
+    segmenter.set_image(np.full((30, 20), 90, np.uint8))
+    before = segmenter.predict(box=(2, 2, 15, 25))
+    segmenter.refine(point=(10, 10))
+    calls.update(encode=0, decode=0)
+    segmenter.warm_up((64, 48))
+    assert calls == {"encode": 1, "decode": 1}
+    assert segmenter.original_size == (30, 20) and len(segmenter.history) == 1  # its own image and interaction
+    np.testing.assert_array_equal(segmenter.predict(box=(2, 2, 15, 25)).logits, before.logits)

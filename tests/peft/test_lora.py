@@ -93,6 +93,26 @@ def test_interleaved_layout_matches_tinyvit_attention() -> None:
     assert not torch.allclose(attn(x), ref)
 
 
+@pytest.mark.parametrize("gate", [False, True])
+def test_interleaved_update_through_head_views_equals_index_add(gate: bool) -> None:
+    torch.manual_seed(0)
+    layer = LoRAQKV(nn.Linear(12, 3 * (4 + 4 + 8)), rank=3, num_heads=3, key_dim=4, value_dim=8, gate=gate)
+    assert set(layer._head_slices) == {"q", "v"}  # the fast path is the one taken
+    _perturb_b(layer)
+    x = torch.randn(5, 4, 12, requires_grad=True)
+    fast = layer(x)
+    g_fast = torch.autograd.grad(fast.square().sum(), [x, *layer.lora_B.parameters(), *layer.lora_A.parameters()])
+    layer._head_slices = {}  # the generic index_add_ path
+    slow = layer(x)
+    g_slow = torch.autograd.grad(slow.square().sum(), [x, *layer.lora_B.parameters(), *layer.lora_A.parameters()])
+    torch.testing.assert_close(fast, slow, rtol=0, atol=0)
+    for a, b in zip(g_fast, g_slow):
+        torch.testing.assert_close(a, b)
+    if not gate:  # and it is the dense update the merge uses
+        with torch.no_grad():
+            torch.testing.assert_close(fast, layer.base(x) + x @ layer.delta_weight().T)
+
+
 def test_gate_reference_formula_per_window_with_padding(base: nn.Linear) -> None:
     layer = LoRAQKV(base, rank=4, alpha=100.0, gate=True)  # alpha ignored with a gate
     x = torch.randn(2, 3, 3, 16)

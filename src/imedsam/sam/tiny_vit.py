@@ -42,7 +42,7 @@ from torch import nn
 
 from imedsam.errors import ImedsamError
 from imedsam.runtime import onednn_op_available
-from imedsam.sam.common import LayerNorm2d
+from imedsam.sam.common import LayerNorm2d, biased_attention
 from imedsam.sam.insertion import EncoderContext, add_slots, new_context
 
 __all__ = [
@@ -261,7 +261,7 @@ class TinyViTAttention(nn.Module):
     ``[q_h (key_dim), k_h (key_dim), v_h (d)]`` for head h = 0..num_heads-1 (see the module docstring).
     ``attention_biases`` (num_heads, #distinct |dy|,|dx| offsets) is gathered through the non-persistent buffer
     ``attention_bias_idxs`` (N, N) into an additive (num_heads, N, N) bias, passed to
-    ``F.scaled_dot_product_attention`` as ``attn_mask`` (softmax(q k^T / sqrt(key_dim) + bias) v, exactly).
+    :func:`~imedsam.sam.common.biased_attention` (softmax(q k^T / sqrt(key_dim) + bias) v, exactly).
     """
 
     def __init__(self, dim: int, key_dim: int, num_heads: int, attn_ratio: float = 1.0,
@@ -305,7 +305,7 @@ class TinyViTAttention(nn.Module):
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.d], dim=3)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B', heads, N, .)
         bias = self.attention_bias().to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        out = biased_attention(q, k, v, bias, self.scale)
         return self.proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.d))
 
 

@@ -12,9 +12,9 @@ Conventions
   ``attn.qkv`` is replaceable (column layout: :meth:`Attention.qkv_channel_index`), and the encoder has
   ``streams``. ``ImageEncoderViT.forward == neck(blocks(embed(x)))``; with empty slots every block computes
   exactly the official ``x + attn(norm1(x))``, then ``+ mlp(norm2(x))``.
-* Attention runs through :func:`torch.nn.functional.scaled_dot_product_attention`; the decomposed relative
-  position term (MViTv2) is passed as an additive float mask, which is exactly the official formula
-  ``softmax(q k^T * scale + rel_bias) v``.
+* Attention runs through :func:`torch.nn.functional.scaled_dot_product_attention`; with the decomposed relative
+  position term (MViTv2) as an additive bias, through :func:`imedsam.sam.common.biased_attention` (SDPA, or its
+  explicit form when training on CPU), which is exactly the official ``softmax(q k^T * scale + rel_bias) v``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imedsam.errors import ImedsamError
-from imedsam.sam.common import LayerNorm2d, MLPBlock
+from imedsam.sam.common import LayerNorm2d, MLPBlock, biased_attention
 from imedsam.sam.insertion import EncoderContext, add_slots, new_context
 
 logger = logging.getLogger(__name__)
@@ -292,7 +292,10 @@ class Attention(nn.Module):
         bias = None
         if self.use_rel_pos:
             bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        if bias is None:
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        else:
+            out = biased_attention(q, k, v, bias, self.scale)
         return out.transpose(1, 2).reshape(b, h, w, c)
 
 

@@ -246,7 +246,7 @@ class Segmenter:
     def warm_up(self, size: tuple[int, int] = (256, 256)) -> None:
         """One embedding and one decode of a blank ``size`` image on a :meth:`fork` (this Segmenter's image and
         interaction are untouched), so that a server's first real request runs at its steady speed: on a model's
-        first calls oneDNN builds its kernels and reorders weights (measured 0.2-0.9 s on LiteMedSAM, 2 cores).
+        first calls oneDNN builds its kernels and reorders weights (0.1-0.9 s more on LiteMedSAM, 2 cores).
         The decode uses a box, or a point, whichever the system takes; a prompt-free system is only encoded."""
         twin = self.fork()
         twin.set_image(np.zeros((*size, 3), dtype=np.uint8))

@@ -83,3 +83,12 @@ def test_largest_component_per_label_keeps_each_labels_biggest_blob():
     assert out.dtype == labels.dtype
     assert (out == 1).sum() == 18 and (out == 2).sum() == 9
     assert out[2, 7, 7] == 0 and out[2, 0, 7] == 0
+    # the same as labelling every class over the whole volume (the bounding boxes only save work)
+    from imedsam.models.postprocess import largest_component
+
+    rng = np.random.default_rng(0)
+    noisy = rng.integers(0, 5, (6, 20, 20)).astype(np.uint16) * (rng.random((6, 20, 20)) < 0.4)
+    naive = np.zeros_like(noisy)
+    for value in range(1, 5):
+        naive[largest_component(noisy == value)] = value
+    np.testing.assert_array_equal(largest_component_per_label(noisy), naive)

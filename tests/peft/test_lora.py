@@ -93,18 +93,29 @@ def test_interleaved_layout_matches_tinyvit_attention() -> None:
     assert not torch.allclose(attn(x), ref)
 
 
+def _index_add_reference(layer: LoRAQKV, x: torch.Tensor) -> torch.Tensor:
+    """The module docstring's formula, written with index_add on the target columns (no dropout here)."""
+    out = layer.base(x)
+    scale = layer.gate_value(x) if layer.gated else layer.scaling
+    for t in layer.targets:
+        out = out.index_add(-1, layer.columns(t), layer.lora_B[t](layer.lora_A[t](x)) * scale)
+    return out
+
+
 @pytest.mark.parametrize("gate", [False, True])
-def test_interleaved_update_through_head_views_equals_index_add(gate: bool) -> None:
+@pytest.mark.parametrize("heads", [None, 3])  # contiguous [q|k|v], per-head interleaved
+def test_update_through_block_views_equals_index_add(gate: bool, heads: int | None) -> None:
     torch.manual_seed(0)
-    layer = LoRAQKV(nn.Linear(12, 3 * (4 + 4 + 8)), rank=3, num_heads=3, key_dim=4, value_dim=8, gate=gate)
-    assert set(layer._head_slices) == {"q", "v"}  # the fast path is the one taken
+    dims = {} if heads is None else {"num_heads": heads, "key_dim": 4, "value_dim": 8}
+    layer = LoRAQKV(nn.Linear(12, 48), rank=3, gate=gate, **dims)
+    assert layer._heads == (heads or 1) and set(layer._ranges) == {"q", "v"}
     _perturb_b(layer)
     x = torch.randn(5, 4, 12, requires_grad=True)
+    params = [x, *layer.lora_B.parameters(), *layer.lora_A.parameters()]
     fast = layer(x)
-    g_fast = torch.autograd.grad(fast.square().sum(), [x, *layer.lora_B.parameters(), *layer.lora_A.parameters()])
-    layer._head_slices = {}  # the generic index_add_ path
-    slow = layer(x)
-    g_slow = torch.autograd.grad(slow.square().sum(), [x, *layer.lora_B.parameters(), *layer.lora_A.parameters()])
+    g_fast = torch.autograd.grad(fast.square().sum(), params)
+    slow = _index_add_reference(layer, x)
+    g_slow = torch.autograd.grad(slow.square().sum(), params)
     torch.testing.assert_close(fast, slow, rtol=0, atol=0)
     for a, b in zip(g_fast, g_slow):
         torch.testing.assert_close(a, b)

@@ -48,10 +48,12 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 def largest_component_per_label(labels: np.ndarray) -> np.ndarray:
     """A label map ((H, W) or (D, H, W) integers, 0 = background) with each label's voxels reduced to that
     label's :func:`largest_component`; the rest becomes background."""
+    labels = np.asarray(labels)
     out = np.zeros_like(labels)
-    for value in np.unique(labels):
-        if value:
-            out[largest_component(labels == value)] = value
+    # each label's components lie inside its bounding box: label there, not over the whole volume per class
+    for value, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is not None:
+            out[box][largest_component(labels[box] == value)] = value
     return out
 
 

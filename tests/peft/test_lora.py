@@ -104,11 +104,10 @@ def _index_add_reference(layer: LoRAQKV, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("gate", [False, True])
 @pytest.mark.parametrize("heads", [None, 3])  # contiguous [q|k|v], per-head interleaved
-def test_update_through_block_views_equals_index_add(gate: bool, heads: int | None) -> None:
+def test_update_as_one_gemm_equals_index_add(gate: bool, heads: int | None) -> None:
     torch.manual_seed(0)
     dims = {} if heads is None else {"num_heads": heads, "key_dim": 4, "value_dim": 8}
     layer = LoRAQKV(nn.Linear(12, 48), rank=3, gate=gate, **dims)
-    assert layer._heads == (heads or 1) and set(layer._ranges) == {"q", "v"}
     _perturb_b(layer)
     x = torch.randn(5, 4, 12, requires_grad=True)
     params = [x, *layer.lora_B.parameters(), *layer.lora_A.parameters()]
@@ -116,7 +115,7 @@ def test_update_through_block_views_equals_index_add(gate: bool, heads: int | No
     g_fast = torch.autograd.grad(fast.square().sum(), params)
     slow = _index_add_reference(layer, x)
     g_slow = torch.autograd.grad(slow.square().sum(), params)
-    torch.testing.assert_close(fast, slow, rtol=0, atol=0)
+    torch.testing.assert_close(fast, slow, rtol=1e-6, atol=1e-6)  # one GEMM: another summation order
     for a, b in zip(g_fast, g_slow):
         torch.testing.assert_close(a, b)
     if not gate:  # and it is the dense update the merge uses

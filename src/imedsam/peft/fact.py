@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from imedsam.errors import ImedsamError
+from imedsam.peft.columns import add_low_rank
 
 __all__ = ["FacTFactors", "FacTQKV", "attach_fact"]
 
@@ -97,10 +98,10 @@ class FacTQKV(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         u = self._factors.u(x)
-        for t in self.targets:
-            delta = self._factors.v(self.dropout(self.cores[t](u))) * self.scale
-            out.index_add_(-1, getattr(self, f"_cols_{t}"), delta.to(out.dtype))
-        return out
+        # one GEMM accumulated into the base output (imedsam.peft.columns); V shared by the targets
+        v = self._factors.v.weight * self.scale
+        return add_low_rank(out, [self.dropout(self.cores[t](u)) for t in self.targets], [v] * len(self.targets),
+                            [getattr(self, f"_cols_{t}") for t in self.targets])
 
     def extra_repr(self) -> str:
         return f"rank={self.cores[self.targets[0]].in_features}, targets={''.join(self.targets)}, scale={self.scale:g}"

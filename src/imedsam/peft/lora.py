@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from imedsam.errors import ImedsamError
+from imedsam.peft.columns import add_low_rank
 
 TARGETS: tuple[str, ...] = ("q", "k", "v")
 
@@ -106,12 +107,6 @@ class LoRAQKV(nn.Module):
 
         columns = _target_columns(base.out_features, num_heads, key_dim, value_dim)
         self.layout = "contiguous" if num_heads is None else "interleaved"
-        # Both layouts are `heads` equal blocks of columns (contiguous: one block) in which every target owns the
-        # same range, so each update is an in-place add through a (..., heads, width) view: no index_add_, whose
-        # backward gathers the gradient with index_select (~8 ms per layer in TinyViT).
-        self._heads = 1 if num_heads is None else int(num_heads)
-        self._ranges = {t: slice(int(columns[t][0]), int(columns[t][0]) + columns[t].numel() // self._heads)
-                        for t in targets}
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
@@ -173,12 +168,14 @@ class LoRAQKV(nn.Module):
         out = self.base(x)
         h = self.lora_dropout(x)
         scale: torch.Tensor | float = self.gate_value(x) if self.gated else self.scaling
-        for t in self.targets:
-            delta = self.lora_B[t](self.lora_A[t](h)) * scale
-            # in place (the base Linear does not save its output for backward)
-            blocks = out.view(*out.shape[:-1], self._heads, -1)  # (..., heads, width)
-            blocks[..., self._ranges[t]] += delta.to(out.dtype).reshape(*blocks.shape[:-1], -1)
-        return out
+        # one GEMM accumulated into the base output (the base Linear does not save it for backward)
+        codes = [self.lora_A[t](h) for t in self.targets]
+        ups = [self.lora_B[t].weight for t in self.targets]
+        if self.gated:  # per image: scales the codes
+            codes = [c * scale for c in codes]
+        else:
+            ups = [u * scale for u in ups]
+        return add_low_rank(out, codes, ups, [self.columns(t) for t in self.targets])
 
     def extra_repr(self) -> str:
         s = "gate" if self.gated else f"alpha/rank={self.scaling:g}"

@@ -139,7 +139,7 @@ def _segment_volume_stacks(args: argparse.Namespace, sample: Sample, box3d: tupl
             bar.update(done - bar.n)
 
         probs = seg.system.predict_volume(display, device=seg.device, amp_dtype=seg.amp_dtype, on_stack=step,
-                                          **prompt)
+                                          views=seg.views, **prompt)
     labels = probs.argmax(0).numpy().astype(np.uint8 if probs.shape[0] <= 256 else np.uint16)
     if args.largest_component:
         from imedsam.models.postprocess import largest_component_per_label

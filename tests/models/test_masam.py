@@ -314,3 +314,28 @@ def test_box_prompted_ma_sam_trains_segments_and_scores_from_one_3d_box(tmp_path
                  ["evaluate", "--run", run, "--data", str(root), "--split", "all", "--volumes", "--prompt", "box",
                   "--out", str(tmp_path / "r3")]):
         assert main(argv + ["--device", "cpu"]) == 2, argv
+
+
+@pytest.mark.parametrize("prompt", ["none", "box"])
+def test_flip_tta_on_volumes_is_flip_equivariant(prompt):
+    """With views {identity, left-right flip} (a group), predicting a flipped volume (and box) gives the flipped
+    prediction, which a random model alone does not: each stack is predicted flipped, with its box flipped, and
+    the logits are flipped back before averaging."""
+    import numpy as np
+
+    from imedsam.models.views import parse_tta
+
+    torch.manual_seed(0)
+    system = build_masam(MASAMConfig(backbone="tiny_tinyvit_test", stack_depth=3, decoder={"prompt": prompt}),
+                         pretrained=False).eval()
+    vol = (torch.rand(4, 20, 24) * 255).round().to(torch.uint8).numpy()
+    flipped = np.ascontiguousarray(vol[:, :, ::-1])
+    box, fbox = ((3, 2, 0, 20, 17, 4), (4, 2, 0, 21, 17, 4)) if prompt == "box" else (None, None)  # i: 24 - i
+    with torch.no_grad():
+        a = system.predict_volume(vol, box3d=box, views=parse_tta("h"))
+        b = system.predict_volume(flipped, box3d=fbox, views=parse_tta("h"))
+        plain_a = system.predict_volume(vol, box3d=box)
+        plain_b = system.predict_volume(flipped, box3d=fbox)
+    torch.testing.assert_close(a, torch.flip(b, [-1]), rtol=0, atol=1e-5)
+    assert (plain_a - torch.flip(plain_b, [-1])).abs().max() > 1e-3
+    assert not torch.allclose(a, plain_a, atol=1e-3)

@@ -125,7 +125,7 @@ def evaluate_volume(system, case_id: str, image: np.ndarray, labels: np.ndarray,
     if protocol == "auto":
         if frame.array_axis != 0:
             raise ImedsamError("--axis: a prompt-free volume model runs across the axis it was trained on (k)")
-        predicted = system.predict_volume(image, device=device, amp_dtype=amp_dtype).argmax(0).numpy()
+        predicted = system.predict_volume(image, device=device, amp_dtype=amp_dtype, views=views).argmax(0).numpy()
         for c in targets:
             preds[c] = predicted == c
     elif protocol == "box3d" and hasattr(system, "predict_volume"):  # box-prompted volume system: 1 box per scan
@@ -133,7 +133,8 @@ def evaluate_volume(system, case_id: str, image: np.ndarray, labels: np.ndarray,
             raise ImedsamError("--axis: a volume model runs across the axis it was trained on (k)")
         box3d = volume_box(np.isin(labels, targets)) if targets else None
         predicted = (np.zeros(labels.shape, np.int64) if box3d is None else  # no object: nothing to prompt
-                     system.predict_volume(image, device=device, amp_dtype=amp_dtype, box3d=box3d).argmax(0).numpy())
+                     system.predict_volume(image, device=device, amp_dtype=amp_dtype, box3d=box3d,
+                                           views=views).argmax(0).numpy())
         for c in targets:
             preds[c] = predicted == c
             prompted[c] = 0 if box3d is None else int(box3d[5] - box3d[2])

@@ -46,6 +46,7 @@ from imedsam.errors import ImedsamError
 from imedsam.models.base import DecodeResult, Prompts, SegmentationSystem, trainable_breakdown
 from imedsam.models.config import Strict, SystemConfig
 from imedsam.models.spec import SystemSpec
+from imedsam.models.views import FlipView
 from imedsam.peft.adapter3d import SLOT_KEY, attach_adapter3d
 from imedsam.peft.backbone import attention_blocks, block_width, freeze_backbone
 from imedsam.peft.fact import FacTFactors, attach_fact
@@ -217,7 +218,8 @@ class MASAM(SegmentationSystem):
     def predict_volume(self, volume: torch.Tensor | np.ndarray, *, device: torch.device | str = "cpu",
                        amp_dtype: torch.dtype | None = None, stride: int = 1,
                        box3d: tuple[float, ...] | None = None,
-                       on_stack: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                       on_stack: Callable[[int, int], None] | None = None,
+                       views: tuple[FlipView, ...] = (FlipView(),)) -> torch.Tensor:
         """Class probabilities of a uint8 ``(D, H, W)`` display volume (systems.md §C.7): a stack of
         ``stack_depth`` slices centred on every ``stride``-th slice (edges repeated), each slice resized to the
         encoder input S x S as in training (:class:`imedsam.data.stacks.StacksDataset`), its softmax
@@ -228,7 +230,10 @@ class MASAM(SegmentationSystem):
         the ``(D, H, W) = (k, j, i)`` array (the order of ``--box3d``): stacks are centred on the slices of
         ``[k0, k1)``, each slice given the box's in-plane extent, and only those slices are predicted (every
         other slice, and nothing outside the box's range, is background: probability 1 for class 0).
-        ``on_stack(done, total)`` is called after each stack (progress bars)."""
+        ``on_stack(done, total)`` is called after each stack (progress bars). ``views``: flip test-time
+        augmentation (:func:`imedsam.models.views.parse_tta`): every stack is also predicted flipped in-plane (its
+        box flipped with it), the logits flipped back and averaged over the views before the softmax; each view
+        costs one more pass of every stack."""
         from imedsam.runtime import autocast
 
         vol = torch.as_tensor(np.asarray(volume), dtype=torch.float32)
@@ -246,9 +251,16 @@ class MASAM(SegmentationSystem):
         for done, centre in enumerate(centres, 1):
             idx = torch.clamp(torch.arange(centre - half, centre + half + 1), 0, n - 1)
             x = self.preprocess.normalize_tensor(resized[idx].expand(-1, 3, -1, -1).to(device))
-            with autocast(torch.device(device), amp_dtype):
-                logits = (self.stack_logits(x[None])[0] if box is None
-                          else self.stack_logits(x[None], box.to(device))[0]).float()  # (depth, K + 1, S', S')
+            logits = 0
+            for view in views:
+                xv = torch.flip(x, [a - 2 for a in view.axes]) if view.axes else x
+                bv = None if box is None else torch.as_tensor(view.box(box[0].cpu().numpy(), (size, size)),
+                                                              dtype=box.dtype)[None].to(device)
+                with autocast(torch.device(device), amp_dtype):
+                    out = (self.stack_logits(xv[None])[0] if bv is None
+                           else self.stack_logits(xv[None], bv)[0]).float()  # (depth, K + 1, S', S')
+                logits = logits + view.restore(out)
+            logits = logits / len(views)
             prob = torch.softmax(F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False),
                                  dim=1).cpu()
             for j, z in enumerate(idx.tolist()):

@@ -7,12 +7,12 @@ elsewhere) and accumulates ``cat(h_t) @ that.T`` into the output with one ``addm
 backward, whatever the layout of the columns (SAM's contiguous ``[q | k | v]``, TinyViT's per-head interleaved
 ``[q_h, k_h, v_h]``).
 
-Measured against the alternatives (bf16 autocast, 2 cores, one process, alternating): ``index_add_``, whose
-backward gathers the gradient with ``index_select`` and whose forward scatters on 3-D tokens, and an in-place add
-through a ``(..., heads, width)`` view, whose strided slices cost a copy each way. A MA-SAM step on LiteMedSAM
-(2 stacks x 5 slices at 160 px) took 3.7-4.0 s with ``index_add_``, 3.45 s with the view, 3.13 s with the
-GEMM; an I-MedSAM step (LiteMedSAM, 256 px) 1.12 s with the view and 1.01 s with the GEMM; ViT-B 384 in fp32
-1.40 s either way.
+The alternatives it replaced: ``index_add_``, whose backward gathers the gradient with ``index_select`` and
+whose forward scatters on 3-D tokens, and an in-place add through a ``(..., heads, width)`` view, whose strided
+slices cost a copy each way. Training steps, bf16 autocast, 2 cores, the view and the GEMM alternating in one
+process: MA-SAM on LiteMedSAM (2 stacks x 5 slices at 160 px) 3.45 s with the view, 3.13 s with the GEMM
+(3.7-4.0 s with ``index_add_`` in separate runs); I-MedSAM on LiteMedSAM at 256 px 1.12 s and 1.01 s; ViT-B
+at 384 in fp32 1.40 s either way.
 """
 
 from __future__ import annotations

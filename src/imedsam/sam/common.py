@@ -45,7 +45,8 @@ def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     scale=scale)``, which runs it unless autograd records on a CPU tensor: there PyTorch's fused CPU kernel does
     not take a mask and SDPA falls back to its math path, 2-4x slower in bf16 than the explicit ``baddbmm`` +
     softmax + ``bmm`` used instead (forward + backward, 2 cores: ViT-B global attention at 384² 30 -> 10 ms,
-    TinyViT's 14x14 windows 40 -> 12 ms; fp32 about equal).
+    TinyViT's 14x14 windows 40 -> 12 ms; fp32 about equal). For SDPA the bias gets q's number of dimensions
+    (leading 1s): a 3-D (heads, N, M) mask sends it to its math path (5-8x slower than the fused kernel).
     """
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias))
     if not needs_grad or q.device.type != "cpu":

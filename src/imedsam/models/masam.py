@@ -46,7 +46,7 @@ from imedsam.errors import ImedsamError
 from imedsam.models.base import DecodeResult, Prompts, SegmentationSystem, trainable_breakdown
 from imedsam.models.config import Strict, SystemConfig
 from imedsam.models.spec import SystemSpec
-from imedsam.models.views import FlipView
+from imedsam.models.views import FlipView, mean_over_views
 from imedsam.peft.adapter3d import SLOT_KEY, attach_adapter3d
 from imedsam.peft.backbone import attention_blocks, block_width, freeze_backbone
 from imedsam.peft.fact import FacTFactors, attach_fact
@@ -251,7 +251,7 @@ class MASAM(SegmentationSystem):
         for done, centre in enumerate(centres, 1):
             idx = torch.clamp(torch.arange(centre - half, centre + half + 1), 0, n - 1)
             x = self.preprocess.normalize_tensor(resized[idx].expand(-1, 3, -1, -1).to(device))
-            logits = 0
+            restored = []
             for view in views:
                 xv = torch.flip(x, [a - 2 for a in view.axes]) if view.axes else x
                 bv = None if box is None else torch.as_tensor(view.box(box[0].cpu().numpy(), (size, size)),
@@ -259,8 +259,8 @@ class MASAM(SegmentationSystem):
                 with autocast(torch.device(device), amp_dtype):
                     out = (self.stack_logits(xv[None])[0] if bv is None
                            else self.stack_logits(xv[None], bv)[0]).float()  # (depth, K + 1, S', S')
-                logits = logits + view.restore(out)
-            logits = logits / len(views)
+                restored.append(view.restore(out))
+            logits = mean_over_views(restored)
             prob = torch.softmax(F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False),
                                  dim=1).cpu()
             for j, z in enumerate(idx.tolist()):

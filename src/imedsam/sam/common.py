@@ -50,8 +50,6 @@ def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     """
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias))
     if not needs_grad or q.device.type != "cpu":
-        # the bias with q's number of dims (leading 1s): PyTorch's fused CPU kernel takes a (1, heads, N, M) mask
-        # but sends a (heads, N, M) one to the math path, 5-8x slower (TinyViT's 14x14 windows, 2 cores)
         bias = bias.reshape((1,) * (q.dim() - bias.dim()) + tuple(bias.shape))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
     *lead, n, d = q.shape

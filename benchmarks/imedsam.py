@@ -142,7 +142,8 @@ def run_case(name: str, threads: int, precision: str, run: Path | None = None) -
     from imedsam.sam.prepare import prepare_image, to_input_coords
     from imedsam.models.base import Prompts
     from imedsam.models.imedsam import IMedSAMConfig, build_imedsam
-    from imedsam.runtime import autocast, autocast_dtype, cpu_has_fast_bf16, cpu_precision, prepare_for_inference
+    from imedsam.runtime import (autocast, autocast_dtype, cpu_has_fast_bf16, cpu_precision, onednn_settings,
+                                 prepare_for_inference)
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -150,7 +151,8 @@ def run_case(name: str, threads: int, precision: str, run: Path | None = None) -
     cpu = torch.device("cpu")
     amp = autocast_dtype(cpu, precision)
     head = {"benchmark": "imedsam", "case": name, **case, "threads": threads, "precision": precision,
-            "cpu_native_bf16": cpu_has_fast_bf16(), "cpu_amx_bf16": _cpu_flag("amx_bf16"), "mode": "paper"}
+            "cpu_native_bf16": cpu_has_fast_bf16(), "cpu_amx_bf16": _cpu_flag("amx_bf16"), "mode": "paper",
+            **({"onednn_env": onednn_settings()} if onednn_settings() else {})}  # e.g. AMX turned off
     cal = cpu_precision()  # what --precision auto picks here, from the GEMM + conv calibration
     head.update(auto_precision=cal.choice, calibration_fp32_gflops=cal.fp32_gflops,
                 calibration_bf16_gflops=cal.bf16_gflops)

@@ -15,10 +15,14 @@ Methods (one JSON line per method and per method x volume; every line carries it
   post-processing UA-MT and MC-Net use on the left atrium).
 * ``ma_sam_auto_lcc_tta``: the same run with flip test-time augmentation (``--tta h,v``: every stack also
   predicted flipped left-right and up-down, logits flipped back and averaged; 3 passes), largest component kept.
-* ``ma_sam_box3d``: MA-SAM's box-prompted variant (``model.decoder.prompt=box``), trained within
-  ``--box3d-minutes`` like the first (every stack centred in the scan's 3-D box range and given the box's
-  in-plane extent, expanded by up to 10 % per side), scored with one 3-D box per scan: the ground truth's tight
-  box, its slices predicted from sliding stacks, the others background (``--prompt box3d``).
+* ``ma_sam_box3d``: MA-SAM's box-prompted variant (``model.decoder.prompt=box``): by default fine-tuned from the
+  ``ma_sam_auto`` run (``run.init_from``: the same tensors; trained first if it is not) within
+  ``--box3d-minutes`` (default 45; ``--box3d-init scratch``: from LiteMedSAM like the first, give it 90), every
+  stack centred in the scan's 3-D box range and given the box's in-plane extent, expanded by up to 10 % per
+  side; scored with one 3-D box per scan: the ground truth's tight box, its slices predicted from sliding stacks,
+  the others background (``--prompt box3d``).
+* ``ma_sam_box3d_lcc``, ``ma_sam_box3d_lcc_tta``: the same run with each class's largest 3-D connected component
+  kept, and with flip test-time augmentation too (``--tta h,v``, the box flipped with each view).
 * ``litemedsam_box``: zero-shot LiteMedSAM, slice by slice, each slice with ground truth prompted by its tight box
   (``--prompt box``).
 * ``litemedsam_propagate``: zero-shot LiteMedSAM from one box, the ground truth's on its middle slice, then each
@@ -38,9 +42,13 @@ model's output and it trains and scores one volume: a pipeline check, never a fi
 ``--quick``: a couple of volumes cropped to a slab of slices, a few training steps at 64 px: a smoke test of the
 script (tests/test_benchmarks.py); its figures are meaningless and every line says so.
 
-    python benchmarks/la_mri.py [--out runs/la_mri] [--budget-minutes 90] [--box3d-minutes 90]
+    python benchmarks/la_mri.py [--out runs/la_mri] [--budget-minutes 90] [--box3d-minutes 45]
+                                [--box3d-init auto|scratch]
                                 [--methods a,b] [--imedsam-run DIR] [--skip-train] [--totalseg] [--quick]
-                                [--seed 2023] [--precision auto]
+                                [--seed 2023] [--precision auto] [--stack-stride 1]
+
+``--stack-stride N`` scores the MA-SAM methods with a stack centred on every N-th slice only (N times fewer
+passes; ``imedsam evaluate --stack-stride``), as ``METHOD@strideN`` beside the stride-1 results.
 
 A finished training is reused and an unfinished one resumed, so a second call adds what the first left out
 (e.g. ``--methods ma_sam_box3d`` after a first call without it); ``la_results.json`` keeps every method's latest
@@ -65,10 +73,11 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 LA = DATA / "la-mri"
+BOX3D_METHODS = {"ma_sam_box3d", "ma_sam_box3d_lcc", "ma_sam_box3d_lcc_tta"}  # one run: the box-prompted variant
 TOTALSEG = DATA / "totalseg-example"
 CONFIG = ROOT / "configs" / "ma-sam-la.yaml"
-LA_METHODS = ("ma_sam_auto", "ma_sam_auto_lcc", "ma_sam_auto_lcc_tta", "ma_sam_box3d", "litemedsam_box",
-              "litemedsam_propagate", "imedsam_box")
+LA_METHODS = ("ma_sam_auto", "ma_sam_auto_lcc", "ma_sam_auto_lcc_tta", "ma_sam_box3d", "ma_sam_box3d_lcc",
+              "ma_sam_box3d_lcc_tta", "litemedsam_box", "litemedsam_propagate", "imedsam_box")
 QUICK_NOTE = ("--quick: a smoke run (a few training steps at 64 px on volumes cropped to a slab of slices); the "
               "figures are meaningless")
 METRICS = ("per volume in 3-D on its own grid: Dice; HD95 in mm (MONAI, max of the two directed 95th "
@@ -82,7 +91,7 @@ def cpu_facts() -> dict:
     """What ``--precision auto`` picks on this CPU and why (as benchmarks/imedsam.py reports it)."""
     import torch
 
-    from imedsam.runtime import cpu_has_fast_bf16, cpu_precision
+    from imedsam.runtime import cpu_has_fast_bf16, cpu_precision, onednn_settings
 
     try:
         amx = "amx_bf16" in Path("/proc/cpuinfo").read_text().split()
@@ -91,7 +100,8 @@ def cpu_facts() -> dict:
     cal = cpu_precision()
     return {"threads": torch.get_num_threads(), "cpu_native_bf16": cpu_has_fast_bf16(), "cpu_amx_bf16": amx,
             "auto_precision": cal.choice, "calibration_fp32_gflops": cal.fp32_gflops,
-            "calibration_bf16_gflops": cal.bf16_gflops}
+            "calibration_bf16_gflops": cal.bf16_gflops,
+            **({"onednn_env": onednn_settings()} if onednn_settings() else {})}
 
 
 class Printer:
@@ -227,14 +237,15 @@ def train_run(overrides: list[str], data: Path, out: Path, *, skip_train: bool) 
 
 def score(name: str, data: Path, out: Path, *, prompt: str, split: str, precision: str, seed: int,
           run: Path | None = None, model: str | None = None, largest_component: bool = False,
-          tta: str | None = None) -> tuple[dict, list[dict]]:
+          tta: str | None = None, stack_stride: int = 1) -> tuple[dict, list[dict]]:
     """``imedsam evaluate --volumes`` of one method (report in ``out``): its summary and its per-volume rows."""
     from imedsam.evaluate.volumes import run_volume_evaluation
 
     start = time.perf_counter()
     summary = run_volume_evaluation(run=None if run is None else str(run), model=model, checkpoint=None, data=data,
                                     split=split, out=out, prompt=prompt, precision=precision, seed=seed,
-                                    nsd_tolerance=1.0, largest_component=largest_component, tta=tta)
+                                    nsd_tolerance=1.0, largest_component=largest_component, tta=tta,
+                                    stack_stride=stack_stride)
     volumes = per_volume(out)
     hd = [v["hd95_mm"] for v in volumes]
     return ({"method": name, "volumes": len(volumes), "dice": _mean([v["dice"] for v in volumes]),
@@ -309,13 +320,14 @@ def la_rows(args, emit: Printer, data: Path, out: Path) -> None:
     wanted = set(args.methods.split(","))
     run = out / "la_ma_sam_auto"
     info = {"skipped": "not in --methods"}
-    if wanted & {"ma_sam_auto", "ma_sam_auto_lcc", "ma_sam_auto_lcc_tta"}:
+    from_auto = bool(wanted & BOX3D_METHODS) and args.box3d_init == "auto" and args.box3d_minutes > 0
+    if wanted & {"ma_sam_auto", "ma_sam_auto_lcc", "ma_sam_auto_lcc_tta"} or from_auto:
         info = train_run(overrides, data, run, skip_train=args.skip_train)
         emit(row="train", method="ma_sam_auto", config=str(CONFIG.relative_to(ROOT)), overrides=overrides, **info)
     box_run = out / "la_ma_sam_box3d"
     box_overrides = [*budget(args.box3d_minutes), f"run.seed={args.seed}", *(quick if args.quick else []),
-                     "model.decoder.prompt=box"]
-    if "ma_sam_box3d" not in wanted:
+                     "model.decoder.prompt=box", *([f"run.init_from={run}"] if from_auto else [])]
+    if not wanted & BOX3D_METHODS:
         box_info = {"skipped": "not in --methods"}
     elif args.box3d_minutes > 0:
         box_info = train_run(box_overrides, data, box_run, skip_train=args.skip_train)
@@ -323,6 +335,12 @@ def la_rows(args, emit: Printer, data: Path, out: Path) -> None:
              **box_info)
     else:
         box_info = {"skipped": "--box3d-minutes 0: the box-prompted variant was not trained"}
+    box_start = (f", fine-tuned from the ma_sam_auto run ({_budget(info, args.budget_minutes)}; run.init_from)"
+                 if from_auto else ", from LiteMedSAM's weights")
+    box_protocol = {
+        **common, "training": f"{trained}; {_budget(box_info, args.box3d_minutes)}{box_start}; every stack given its "
+                              "scan's 3-D box (in-plane extent, each side expanded by up to 10 %)",
+        "resolution": f"each slice resized to {size}x{size} (aspect not kept), probabilities resized back; {native}"}
     imedsam_run = Path(args.imedsam_run) if args.imedsam_run else None
     imedsam_skip = ("no --imedsam-run DIR given (a trained I-MedSAM LA run folder)" if imedsam_run is None else
                     None if imedsam_run.is_dir() else f"--imedsam-run {imedsam_run}: not a folder")
@@ -349,12 +367,19 @@ def la_rows(args, emit: Printer, data: Path, out: Path) -> None:
             "resolution": f"each slice resized to {size}x{size} (aspect not kept), probabilities resized back; "
                           f"{native}"}),
         ("ma_sam_box3d", {"prompt": "box3d", "run": box_run}, box_info.get("skipped"), {
-            **common, "training": f"{trained}; {_budget(box_info, args.box3d_minutes)}; every stack given its "
-                                  "scan's 3-D box (in-plane extent, each side expanded by up to 10 %)",
-            "prompt": "one 3-D box per scan: the ground truth's tight box; its slices from sliding stacks of 5, "
-                      "probabilities averaged, argmax; the slices outside its range background",
-            "resolution": f"each slice resized to {size}x{size} (aspect not kept), probabilities resized back; "
-                          f"{native}"}),
+            **box_protocol, "prompt": "one 3-D box per scan: the ground truth's tight box; its slices from sliding "
+                                      "stacks of 5, probabilities averaged, argmax; the slices outside its range "
+                                      "background"}),
+        ("ma_sam_box3d_lcc", {"prompt": "box3d", "run": box_run, "largest_component": True},
+         box_info.get("skipped"), {
+            **box_protocol, "prompt": "one 3-D box per scan, as ma_sam_box3d (the same run)",
+            "post_processing": "each class's largest 3-D connected component kept (26-connected)"}),
+        ("ma_sam_box3d_lcc_tta", {"prompt": "box3d", "run": box_run, "largest_component": True, "tta": "h,v"},
+         box_info.get("skipped"), {
+            **box_protocol, "prompt": "one 3-D box per scan, as ma_sam_box3d (the same run), with flip test-time "
+                                      "augmentation: every stack also predicted flipped left-right and up-down "
+                                      "(its box flipped with it), the logits flipped back and averaged (3 passes)",
+            "post_processing": "each class's largest 3-D connected component kept (26-connected)"}),
         ("litemedsam_box", {"prompt": "box", "model": "litemedsam"}, None, {
             **common, "prompt": "each slice's tight ground-truth box (half-open), every slice with ground truth"}),
         ("litemedsam_propagate", {"prompt": "propagate", "model": "litemedsam"}, None, {
@@ -364,6 +389,13 @@ def la_rows(args, emit: Printer, data: Path, out: Path) -> None:
             **common, "training": f"the run {imedsam_run}", "resolution": f"the run's encoder input; {native}",
             "prompt": "each slice's tight ground-truth box (half-open), every slice with ground truth"}),
     ]
+    stride = args.stack_stride
+    if stride != 1:  # MA-SAM's stacks on every N-th slice: its own results, beside the stride-1 ones
+        methods = [(f"{name}@stride{stride}", {**how, "stack_stride": stride}, skip,
+                    {**proto, "prompt": f"{proto['prompt']}; a stack centred on every {stride}th slice only "
+                                        f"(--stack-stride {stride}), each slice averaged over the stacks holding it"})
+                   for name, how, skip, proto in methods if name.startswith("ma_sam")]
+        wanted = {f"{name}@stride{stride}" for name in wanted}
     previous = out / "la_results.json"  # a call scoring some methods keeps the others' results
     results = json.loads(previous.read_text()) if previous.is_file() else {}
     for name, how, skip, proto in methods:
@@ -413,8 +445,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "runs" / "la_mri"), help="run folders, reports, results")
     parser.add_argument("--budget-minutes", type=float, default=90.0,
                         help="wall-clock training budget of each MA-SAM training (optim.max_minutes)")
-    parser.add_argument("--box3d-minutes", type=float, default=90.0,
+    parser.add_argument("--box3d-minutes", type=float, default=45.0,
                         help="wall-clock training budget of the box-prompted MA-SAM (0: not trained)")
+    parser.add_argument("--box3d-init", default="auto", choices=("auto", "scratch"),
+                        help="the box-prompted MA-SAM starts from the ma_sam_auto run's weights (auto, default) or "
+                             "from LiteMedSAM's (scratch)")
     parser.add_argument("--methods", default=",".join(LA_METHODS),
                         help=f"comma-separated methods to train and score (default: all of {','.join(LA_METHODS)})")
     parser.add_argument("--imedsam-run", default=None, help="a trained I-MedSAM LA run folder to score")
@@ -422,12 +457,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--totalseg", action="store_true", help="also the TotalSegmentator example smoke run")
     parser.add_argument("--totalseg-minutes", type=float, default=3.0, help="its training budget")
     parser.add_argument("--quick", action="store_true", help=QUICK_NOTE)
+    parser.add_argument("--stack-stride", type=int, default=1, metavar="N",
+                        help="score the MA-SAM methods with a stack centred on every N-th slice (1-5; default 1, "
+                             "every slice: MA-SAM's protocol), as METHOD@strideN")
     parser.add_argument("--seed", type=int, default=2023)
     parser.add_argument("--precision", default="auto", help="inference precision (auto | fp32 | bf16)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.budget_minutes <= 0 or args.totalseg_minutes <= 0 or args.box3d_minutes < 0:
         parser.error("--budget-minutes and --totalseg-minutes must be positive, --box3d-minutes >= 0")
+    if not 1 <= args.stack_stride <= 5:
+        parser.error(f"--stack-stride: {args.stack_stride} must be between 1 and the stack depth 5")
     unknown = set(args.methods.split(",")) - set(LA_METHODS)
     if unknown:
         parser.error(f"--methods: unknown {', '.join(sorted(unknown))}; choose from {', '.join(LA_METHODS)}")

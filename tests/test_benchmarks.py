@@ -67,21 +67,28 @@ def test_la_mri_benchmark_quick_rows(tmp_path: Path) -> None:
         volumes = [v for v in lines if v["row"] == "volume" and v["method"] == name]
         assert len(volumes) == line["volumes"] == 2 and all(0.0 <= v["dice"] <= 1.0 for v in volumes), name
         assert all(v["protocol"] == protocol for v in volumes)
-    for name in ("ma_sam_auto", "ma_sam_auto_lcc", "ma_sam_auto_lcc_tta", "ma_sam_box3d", "litemedsam_box",
-                 "litemedsam_propagate"):  # these always run
+    for name in ("ma_sam_auto", "ma_sam_auto_lcc", "ma_sam_auto_lcc_tta", "ma_sam_box3d", "ma_sam_box3d_lcc",
+                 "ma_sam_box3d_lcc_tta", "litemedsam_box", "litemedsam_propagate"):  # these always run
         assert "skipped" not in methods[name], methods[name]
     assert "3-D box per scan" in methods["ma_sam_box3d"]["protocol"]["prompt"]
     assert "largest 3-D connected component" in methods["ma_sam_auto_lcc"]["protocol"]["post_processing"]
     lcc = json.loads((Path(methods["ma_sam_auto_lcc"]["report"]).parent / "summary.json").read_text())
     assert lcc["config"]["largest_component"] is True
-    tta = json.loads((Path(methods["ma_sam_auto_lcc_tta"]["report"]).parent / "summary.json").read_text())
-    assert tta["config"]["tta"] == "id,h,v" and tta["config"]["largest_component"] is True
+    for name in ("ma_sam_auto_lcc_tta", "ma_sam_box3d_lcc_tta"):
+        tta = json.loads((Path(methods[name]["report"]).parent / "summary.json").read_text())
+        assert tta["config"]["tta"] == "id,h,v" and tta["config"]["largest_component"] is True, name
+    box_lcc = json.loads((Path(methods["ma_sam_box3d_lcc"]["report"]).parent / "summary.json").read_text())
+    assert box_lcc["config"]["prompt"] == "box3d" and box_lcc["config"]["largest_component"] is True
     assert "percentiles" in methods["litemedsam_box"]["protocol"]["intensity"]  # LGE-MRI: not CT
     for name in ("ma_sam_auto", "ma_sam_box3d"):
         train = next(line for line in lines if line["row"] == "train" and line["method"] == name)
         assert train["steps"] == 2 and train["budget_minutes"] == 1.0, name
     box_run = next(line for line in lines if line["row"] == "train" and line["method"] == "ma_sam_box3d")["run"]
-    assert yaml.safe_load((Path(box_run) / "config.yaml").read_text())["model"]["decoder"]["prompt"] == "box"
+    box_config = yaml.safe_load((Path(box_run) / "config.yaml").read_text())
+    assert box_config["model"]["decoder"]["prompt"] == "box"
+    auto_run = next(line for line in lines if line["row"] == "train" and line["method"] == "ma_sam_auto")["run"]
+    assert box_config["run"]["init_from"] == auto_run  # fine-tuned from the automatic run (--box3d-init auto)
+    assert "fine-tuned from the ma_sam_auto run" in methods["ma_sam_box3d"]["protocol"]["training"]
     smoke = next(line for line in lines if line["row"] == "smoke")
     assert smoke["classes"] == 41 and 0.0 <= smoke["dice_mean_over_classes"] <= 1.0
     assert "soft_tissue" in smoke["intensity"]  # the example CT, declared CT in its dataset.json

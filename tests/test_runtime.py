@@ -74,6 +74,20 @@ def test_auto_precision_is_decided_by_measurement_and_cached(tmp_path, monkeypat
     assert plain.choice == "fp32" and plain.source == "flags"
 
 
+def test_calibration_key_follows_onednn_isa_limits(monkeypatch) -> None:
+    """A calibration measured with AMX must not be reused where oneDNN is told not to use it."""
+    import imedsam.runtime as runtime
+
+    for name in runtime.ONEDNN_ENV:
+        monkeypatch.delenv(name, raising=False)
+    plain = runtime._cpu_key()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    limited = runtime._cpu_key()
+    assert limited != plain and limited.endswith("ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "")
+    assert runtime._cpu_key() == plain
+
+
 def test_measure_throughput_is_positive_and_quick() -> None:
     import time
 

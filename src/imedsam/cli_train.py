@@ -46,6 +46,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-config-change", action="store_true",
                    help="with --resume: continue with a changed config or data (not exact; both configs are kept)")
     p.add_argument("--device", default=None, help="override run.device (auto | cpu | cuda | mps)")
+    p.add_argument("--init-from", default=None, metavar="RUN",
+                   help="start from the trained weights of RUN (a run folder or adapter file of the same system), "
+                        "e.g. fine-tune a variant: sets run.init_from")
     p.add_argument("--nproc", type=int_at_least(1), default=None, metavar="N",
                    help="train in N processes on this machine (one per GPU; gloo on CPU), as torchrun "
                         "--nproc-per-node N would; optim.batch_size stays the global batch (divisible by N)")
@@ -105,6 +108,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "post-processing of single-structure benchmarks such as the left atrium)")
     p.add_argument("--axis", default="k", choices=("i", "j", "k"),
                    help="--volumes: slice across this file axis (default k, the third: axial for most CT/MR)")
+    p.add_argument("--stack-stride", type=int_at_least(1), default=1, metavar="N",
+                   help="--volumes --prompt auto|box3d, stack models (MA-SAM): centre a stack on every N-th slice "
+                        "(default 1: every slice, MA-SAM's protocol); N times faster")
     p.add_argument("--window", default=None,
                    help="--volumes: intensity window (CT name or CENTER,WIDTH; default the file's, else the "
                         "volume's 0.5-99.5 percentiles)")
@@ -166,6 +172,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.device:
         overrides.append(f"run.device={args.device}")
+    if args.init_from:
+        overrides.append(f"run.init_from={args.init_from}")
     cfg = load_config(args.config, overrides)
     if args.allow_config_change and not args.resume:
         raise ImedsamError("--allow-config-change goes with --resume")
@@ -225,7 +233,8 @@ def _volume_only_flags(args: argparse.Namespace) -> None:
                 raise ImedsamError(f"{flag}: not with --volumes (volumes are scored on their own grid, per class)")
     else:
         for flag, given in (("--axis", args.axis != "k"), ("--window", args.window),
-                            ("--largest-component", args.largest_component)):
+                            ("--largest-component", args.largest_component),
+                            ("--stack-stride", args.stack_stride != 1)):
             if given:
                 raise ImedsamError(f"{flag}: goes with --volumes (3-D scoring); 2-D evaluation slices volumes "
                                    "along their first array axis with one window per volume")
@@ -245,7 +254,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                         precision=args.precision, seed=args.seed, limit=args.limit, tta=args.tta,
                                         min_foreground=args.min_foreground, nsd_tolerance=args.nsd_tolerance,
                                         empty_policy=_empty_policy(args.empty_policy), preprocess=args.preprocess,
-                                        largest_component=args.largest_component)
+                                        largest_component=args.largest_component,
+                                        stack_stride=args.stack_stride)
         print(json.dumps(summary))
         return 0
     sizes, sweep = _sizes(args)

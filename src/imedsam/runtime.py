@@ -135,6 +135,15 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
+#: environment variables that change which oneDNN kernels run, hence the calibration (part of its cache key)
+ONEDNN_ENV = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ONEDNN_DEFAULT_FPMATH_MODE", "DNNL_DEFAULT_FPMATH_MODE")
+
+
+def onednn_settings() -> dict[str, str]:
+    """The :data:`ONEDNN_ENV` variables set in this process (benchmarks print them beside their figures)."""
+    return {name: os.environ[name] for name in ONEDNN_ENV if os.environ.get(name)}
+
+
 def _cpu_key() -> str:
     try:
         info = open("/proc/cpuinfo").read()
@@ -144,10 +153,15 @@ def _cpu_key() -> str:
                  platform.machine())
     flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
     digest = hashlib.sha1(f"{model}|{flags}".encode()).hexdigest()[:12]
-    return f"{model} [{digest}] threads={torch.get_num_threads()} torch={torch.__version__}"
+    # oneDNN's kernel choice can be limited from the environment (e.g. ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 turns
+    # AMX off): a measurement holds only for the same settings
+    onednn = " ".join(f"{name}={value}" for name, value in onednn_settings().items())
+    return (f"{model} [{digest}] threads={torch.get_num_threads()} torch={torch.__version__}"
+            + (f" {onednn}" if onednn else ""))
 
 
 _CALIBRATION: dict[str, PrecisionCalibration] = {}
+
 
 
 def cpu_precision(*, measure=measure_throughput, refresh: bool = False) -> PrecisionCalibration:

@@ -101,6 +101,34 @@ def test_predict_volume_averages_every_stack_holding_a_slice(monkeypatch):
     assert torch.allclose(probs.sum(0), torch.ones(5, 10, 12), atol=1e-5)
 
 
+def test_predict_volume_with_a_stride_averages_the_stacks_it_runs(monkeypatch):
+    """``stride`` 2 on 5 slices, D = 3: stacks centred on slices 0, 2, 4 only (3 passes instead of 5), each
+    slice averaged over the stacks that hold it; a stride above D is refused (it would leave slices out)."""
+    system = build_masam(MASAMConfig(backbone="tiny_tinyvit_test", stack_depth=3), pretrained=False)
+    calls = []
+
+    def fake_stack_logits(images):  # class-1 probability: the slice's position in its stack, 0, 1/2, 1
+        calls.append(images.shape)
+        d = images.shape[1]
+        pos = torch.arange(d, dtype=torch.float32) / (d - 1)
+        p1 = pos.view(1, d, 1, 1, 1).expand(1, d, 1, 8, 8).clamp(1e-6, 1 - 1e-6)
+        return torch.cat([torch.log(1 - p1), torch.log(p1)], dim=2)
+
+    monkeypatch.setattr(system, "stack_logits", fake_stack_logits)
+    progress = []
+    probs = system.predict_volume(torch.zeros(5, 10, 12).numpy(), stride=2,
+                                  on_stack=lambda done, total: progress.append((done, total)))
+    assert len(calls) == 3 and progress[-1] == (3, 3)
+    # stack 0 holds slices (0, 0, 1), stack 2 (1, 2, 3), stack 4 (3, 4, 4)
+    want = torch.tensor([(0 + 0.5) / 2, (1 + 0) / 2, 0.5, (1 + 0) / 2, (0.5 + 1) / 2])
+    assert torch.allclose(probs[1, :, 0, 0], want, atol=1e-4)
+    calls.clear()
+    system.predict_volume(torch.zeros(7, 10, 12).numpy(), stride=3)  # centres 0, 3, 6: every slice covered
+    assert len(calls) == 3
+    with pytest.raises(ImedsamError, match="--stack-stride: 4 must be between 1 and the model's stack depth 3"):
+        system.predict_volume(torch.zeros(5, 10, 12).numpy(), stride=4)
+
+
 def test_stacks_dataset_items_and_one_augmentation_for_the_stack(tmp_path):
     from tests.data.conftest import make_label_volume, write_nifti
 
@@ -185,6 +213,20 @@ def test_ma_sam_trains_validates_on_volumes_and_resumes(tmp_path):
     assert summary["config"]["prompt"] == "auto"
     rows = list(__import__("csv").DictReader(open(tmp_path / "report" / "cases.csv")))
     assert len(rows) == 6 and {r["class"] for r in rows} == {"1", "2"}  # 3 volumes x 2 classes
+    # --stack-stride: fewer stacks, recorded; refused beyond the stack depth and for slice-by-slice protocols
+    strided = tmp_path / "strided.nii.gz"
+    assert main(["segment", str(image), "--adapter", str(tmp_path / "run"), "--auto", "--stack-stride", "3",
+                 "--out", str(strided), "--device", "cpu"]) == 0
+    assert nib.load(str(strided)).shape == written.shape
+    assert main(["evaluate", "--run", str(tmp_path / "run"), "--data", str(root), "--split", "all", "--volumes",
+                 "--prompt", "auto", "--stack-stride", "2", "--out", str(tmp_path / "report2"),
+                 "--device", "cpu"]) == 0
+    assert _json.loads((tmp_path / "report2" / "summary.json").read_text())["config"]["stack_stride"] == 2
+    assert main(["segment", str(image), "--adapter", str(tmp_path / "run"), "--auto", "--stack-stride", "4",
+                 "--out", str(tmp_path / "no.nii.gz"), "--device", "cpu"]) == 2
+    assert main(["evaluate", "--model", "litemedsam", "--data", str(root), "--volumes", "--prompt", "box",
+                 "--stack-stride", "2", "--out", str(tmp_path / "no_report")]) == 2
+    assert not (tmp_path / "no.nii.gz").exists() and not (tmp_path / "no_report").exists()
     # a prompted model cannot run prompt-free on a volume
     assert main(["segment", str(image), "--model", "litemedsam", "--auto", "--out", str(tmp_path / "x.nii.gz")]) == 2
 

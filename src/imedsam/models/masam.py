@@ -221,7 +221,8 @@ class MASAM(SegmentationSystem):
                        on_stack: Callable[[int, int], None] | None = None,
                        views: tuple[FlipView, ...] = (FlipView(),)) -> torch.Tensor:
         """Class probabilities of a uint8 ``(D, H, W)`` display volume (systems.md §C.7): a stack of
-        ``stack_depth`` slices centred on every ``stride``-th slice (edges repeated), each slice resized to the
+        ``stack_depth`` slices centred on every ``stride``-th slice (edges repeated; the last slice always a
+        centre; ``stride`` at most the stack depth, so that every slice is in a stack), each slice resized to the
         encoder input S x S as in training (:class:`imedsam.data.stacks.StacksDataset`), its softmax
         probabilities resized back to (H, W) and averaged over every stack that holds the slice. Returns
         float32 ``(num_classes + 1, D, H, W)`` on the CPU; ``argmax(0)`` is the label volume.
@@ -236,15 +237,18 @@ class MASAM(SegmentationSystem):
         costs one more pass of every stack."""
         from imedsam.runtime import autocast
 
+        depth = self.stack_depth
+        if not 1 <= stride <= depth:
+            raise ImedsamError(f"--stack-stride: {stride} must be between 1 and the model's stack depth {depth} "
+                               "(a larger stride leaves slices in no stack)")
         vol = torch.as_tensor(np.asarray(volume), dtype=torch.float32)
         n, height, width = vol.shape
         size = self.preprocess.img_size
-        depth = self.stack_depth
         total = torch.zeros(self.num_classes + 1, n, height, width)
         count = torch.zeros(n)
         half = depth // 2
         lo, hi, box = self._volume_prompt(box3d, (n, height, width))
-        centres = list(range(lo, hi, max(1, stride)))
+        centres = list(range(lo, hi, stride))
         if centres[-1] != hi - 1:
             centres.append(hi - 1)
         resized = F.interpolate(vol[:, None], size=(size, size), mode="bilinear", align_corners=False)  # once

@@ -89,16 +89,17 @@ def validation_message(exc: ValidationError, where: str) -> str:
     return f"config key {key}: {detail}"
 
 
-def resolve_adapter_file(adapter: str | Path) -> Path:
-    """An adapter file, or a run folder (its ``best.safetensors``, else ``adapter.safetensors``)."""
+def resolve_adapter_file(adapter: str | Path, argument: str = "--adapter") -> Path:
+    """An adapter file, or a run folder (its ``best.safetensors``, else ``adapter.safetensors``); errors name
+    ``argument``."""
     path = Path(adapter)
     if path.is_dir():
         for name in ADAPTER_FILES:
             if (path / name).exists():
                 return path / name
-        raise ImedsamError(f"--adapter: no {' or '.join(ADAPTER_FILES)} in {path}; is it a training run folder?")
+        raise ImedsamError(f"{argument}: no {' or '.join(ADAPTER_FILES)} in {path}; is it a training run folder?")
     if not path.exists():
-        raise ImedsamError(f"--adapter: file not found: {path}")
+        raise ImedsamError(f"{argument}: file not found: {path}")
     return path
 
 

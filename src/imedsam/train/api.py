@@ -140,10 +140,15 @@ def _run_training(cfg: TrainConfig, data: str | Path, out: str | Path, *, resume
     from imedsam.models.registry import build_system, get_system
     from imedsam.runtime import autocast_dtype, resolve_device
     from imedsam.train.distributed import on_main
+    from imedsam.train.checkpoint import latest_checkpoint
+    from imedsam.train.init_weights import load_init_weights, read_init_source
     from imedsam.train.loop import precheck_run
     from imedsam.train.objectives import get_objective
 
     on_main(dist, lambda: precheck_run(out, resume))
+    init = None
+    if cfg.run.init_from is not None and not (resume and latest_checkpoint(Path(out)) is not None):
+        init = read_init_source(cfg.run.init_from, cfg.model.system)  # checked before the data is read
     spec = get_system(cfg.model.system)
     objective_cls = get_objective(spec.objective, spec.name)
     index = discover(data)
@@ -165,6 +170,8 @@ def _run_training(cfg: TrainConfig, data: str | Path, out: str | Path, *, resume
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"img_size": cfg.data.image_size})})
     seed_everything(cfg.run.seed)  # the adapters' and decoder's random initialisation is seeded too
     system = build_system(config=cfg.model)
+    if init is not None:  # resuming, the checkpoint holds the weights
+        load_init_weights(system, init)
     device = resolve_device(cfg.run.device) if dist is None else dist.device
     amp = autocast_dtype(device, cfg.run.precision)
     size_val = tuple(cfg.run.val_size) if cfg.run.val_size else None

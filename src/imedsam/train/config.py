@@ -89,6 +89,12 @@ class RunSettings(_Strict):
     val_every: int = Field(1, ge=1, description="validate every N epochs (best checkpoint chosen on val only)")
     val_size: tuple[int, int] | None = Field(None, description="validation output grid [H, W]; default the "
                                                                "original image size")
+    init_from: str | None = Field(None, description="start from the trained tensors of this run folder (its best "
+                                                    "checkpoint) or adapter file, same system: tensors of the same "
+                                                    "name and shape copied, the others keep their seeded "
+                                                    "initialisation; optimizer and schedule start afresh "
+                                                    "(imedsam.train.init_weights); null: the system's own "
+                                                    "initialisation")
 
     @field_validator("val_size", mode="before")
     @classmethod

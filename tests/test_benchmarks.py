@@ -32,8 +32,8 @@ def test_benchmark_imports_resolve(script: Path) -> None:
 
 
 LA_MRI = Path(__file__).resolve().parents[2] / "shared" / "data" / "la-mri"
-LA_METHODS = ("ma_sam_auto", "ma_sam_auto_lcc", "ma_sam_auto_lcc_tta", "ma_sam_box3d", "litemedsam_box",
-              "litemedsam_propagate", "imedsam_box")
+LA_METHODS = ("ma_sam_auto", "ma_sam_auto_lcc", "ma_sam_auto_lcc_tta", "ma_sam_box3d", "ma_sam_box3d_lcc",
+              "ma_sam_box3d_lcc_tta", "litemedsam_box", "litemedsam_propagate", "imedsam_box")
 
 
 @pytest.mark.skipif(not LA_MRI.is_dir(), reason=f"{LA_MRI} not found (the real LA MRI volumes)")

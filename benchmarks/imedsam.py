@@ -152,7 +152,7 @@ def run_case(name: str, threads: int, precision: str, run: Path | None = None) -
     amp = autocast_dtype(cpu, precision)
     head = {"benchmark": "imedsam", "case": name, **case, "threads": threads, "precision": precision,
             "cpu_native_bf16": cpu_has_fast_bf16(), "cpu_amx_bf16": _cpu_flag("amx_bf16"), "mode": "paper",
-            **({"onednn_env": onednn_settings()} if onednn_settings() else {})}  # e.g. AMX turned off
+            "onednn_env": onednn_settings()}  # oneDNN limits set in the environment, e.g. AMX turned off
     cal = cpu_precision()  # what --precision auto picks here, from the GEMM + conv calibration
     head.update(auto_precision=cal.choice, calibration_fp32_gflops=cal.fp32_gflops,
                 calibration_bf16_gflops=cal.bf16_gflops)

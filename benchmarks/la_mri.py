@@ -73,11 +73,11 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 LA = DATA / "la-mri"
-BOX3D_METHODS = {"ma_sam_box3d", "ma_sam_box3d_lcc", "ma_sam_box3d_lcc_tta"}  # one run: the box-prompted variant
 TOTALSEG = DATA / "totalseg-example"
 CONFIG = ROOT / "configs" / "ma-sam-la.yaml"
 LA_METHODS = ("ma_sam_auto", "ma_sam_auto_lcc", "ma_sam_auto_lcc_tta", "ma_sam_box3d", "ma_sam_box3d_lcc",
               "ma_sam_box3d_lcc_tta", "litemedsam_box", "litemedsam_propagate", "imedsam_box")
+BOX3D_METHODS = {"ma_sam_box3d", "ma_sam_box3d_lcc", "ma_sam_box3d_lcc_tta"}  # one run: the box-prompted variant
 QUICK_NOTE = ("--quick: a smoke run (a few training steps at 64 px on volumes cropped to a slab of slices); the "
               "figures are meaningless")
 METRICS = ("per volume in 3-D on its own grid: Dice; HD95 in mm (MONAI, max of the two directed 95th "
@@ -100,8 +100,7 @@ def cpu_facts() -> dict:
     cal = cpu_precision()
     return {"threads": torch.get_num_threads(), "cpu_native_bf16": cpu_has_fast_bf16(), "cpu_amx_bf16": amx,
             "auto_precision": cal.choice, "calibration_fp32_gflops": cal.fp32_gflops,
-            "calibration_bf16_gflops": cal.bf16_gflops,
-            **({"onednn_env": onednn_settings()} if onednn_settings() else {})}
+            "calibration_bf16_gflops": cal.bf16_gflops, "onednn_env": onednn_settings()}
 
 
 class Printer:
@@ -337,49 +336,41 @@ def la_rows(args, emit: Printer, data: Path, out: Path) -> None:
         box_info = {"skipped": "--box3d-minutes 0: the box-prompted variant was not trained"}
     box_start = (f", fine-tuned from the ma_sam_auto run ({_budget(info, args.budget_minutes)}; run.init_from)"
                  if from_auto else ", from LiteMedSAM's weights")
+    resized = f"each slice resized to {size}x{size} (aspect not kept), probabilities resized back; {native}"
+    lcc = "each class's largest 3-D connected component kept (26-connected)"
+    flips = ("with flip test-time augmentation: every stack also predicted flipped left-right and up-down (any box "
+             "flipped with it), the logits flipped back and averaged (3 passes)")
+    auto_protocol = {**common, "training": f"{trained}; {_budget(info, args.budget_minutes)}", "resolution": resized}
     box_protocol = {
         **common, "training": f"{trained}; {_budget(box_info, args.box3d_minutes)}{box_start}; every stack given its "
                               "scan's 3-D box (in-plane extent, each side expanded by up to 10 %)",
-        "resolution": f"each slice resized to {size}x{size} (aspect not kept), probabilities resized back; {native}"}
+        "resolution": resized}
     imedsam_run = Path(args.imedsam_run) if args.imedsam_run else None
     imedsam_skip = ("no --imedsam-run DIR given (a trained I-MedSAM LA run folder)" if imedsam_run is None else
                     None if imedsam_run.is_dir() else f"--imedsam-run {imedsam_run}: not a folder")
     # (name, evaluation arguments, reason it is not scored or None, protocol)
     methods = [
         ("ma_sam_auto", {"prompt": "auto", "run": run}, info.get("skipped"), {
-            **common, "training": f"{trained}; {_budget(info, args.budget_minutes)}",
-            "prompt": "none (automatic): sliding stacks of 5 slices, probabilities averaged per slice, argmax",
-            "resolution": f"each slice resized to {size}x{size} (aspect not kept), probabilities resized back; "
-                          f"{native}"}),
+            **auto_protocol,
+            "prompt": "none (automatic): sliding stacks of 5 slices, probabilities averaged per slice, argmax"}),
         ("ma_sam_auto_lcc", {"prompt": "auto", "run": run, "largest_component": True}, info.get("skipped"), {
-            **common, "training": f"{trained}; {_budget(info, args.budget_minutes)} (the ma_sam_auto run)",
-            "prompt": "none (automatic), as ma_sam_auto",
-            "post_processing": "each class's largest 3-D connected component kept (26-connected), as UA-MT and "
-                               "MC-Net evaluate the left atrium",
-            "resolution": f"each slice resized to {size}x{size} (aspect not kept), probabilities resized back; "
-                          f"{native}"}),
+            **auto_protocol, "prompt": "none (automatic), as ma_sam_auto (the same run)",
+            "post_processing": f"{lcc}, as UA-MT and MC-Net evaluate the left atrium"}),
         ("ma_sam_auto_lcc_tta", {"prompt": "auto", "run": run, "largest_component": True, "tta": "h,v"},
          info.get("skipped"), {
-            **common, "training": f"{trained}; {_budget(info, args.budget_minutes)} (the ma_sam_auto run)",
-            "prompt": "none (automatic), as ma_sam_auto, with flip test-time augmentation: every stack also "
-                      "predicted flipped left-right and up-down, the logits flipped back and averaged (3 passes)",
-            "post_processing": "each class's largest 3-D connected component kept (26-connected)",
-            "resolution": f"each slice resized to {size}x{size} (aspect not kept), probabilities resized back; "
-                          f"{native}"}),
+            **auto_protocol, "prompt": f"none (automatic), as ma_sam_auto (the same run), {flips}",
+            "post_processing": lcc}),
         ("ma_sam_box3d", {"prompt": "box3d", "run": box_run}, box_info.get("skipped"), {
             **box_protocol, "prompt": "one 3-D box per scan: the ground truth's tight box; its slices from sliding "
                                       "stacks of 5, probabilities averaged, argmax; the slices outside its range "
                                       "background"}),
         ("ma_sam_box3d_lcc", {"prompt": "box3d", "run": box_run, "largest_component": True},
          box_info.get("skipped"), {
-            **box_protocol, "prompt": "one 3-D box per scan, as ma_sam_box3d (the same run)",
-            "post_processing": "each class's largest 3-D connected component kept (26-connected)"}),
+            **box_protocol, "prompt": "one 3-D box per scan, as ma_sam_box3d (the same run)", "post_processing": lcc}),
         ("ma_sam_box3d_lcc_tta", {"prompt": "box3d", "run": box_run, "largest_component": True, "tta": "h,v"},
          box_info.get("skipped"), {
-            **box_protocol, "prompt": "one 3-D box per scan, as ma_sam_box3d (the same run), with flip test-time "
-                                      "augmentation: every stack also predicted flipped left-right and up-down "
-                                      "(its box flipped with it), the logits flipped back and averaged (3 passes)",
-            "post_processing": "each class's largest 3-D connected component kept (26-connected)"}),
+            **box_protocol, "prompt": f"one 3-D box per scan, as ma_sam_box3d (the same run), {flips}",
+            "post_processing": lcc}),
         ("litemedsam_box", {"prompt": "box", "model": "litemedsam"}, None, {
             **common, "prompt": "each slice's tight ground-truth box (half-open), every slice with ground truth"}),
         ("litemedsam_propagate", {"prompt": "propagate", "model": "litemedsam"}, None, {

@@ -228,8 +228,6 @@ def run_volume_evaluation(*, run: str | None, model: str | None, checkpoint: str
         raise ImedsamError(f"--limit: must be >= 1 (the number of volumes to score), got {limit}")
     if min_foreground < 1:
         raise ImedsamError(f"--min-foreground: must be >= 1 pixel, got {min_foreground}")
-    if stack_stride < 1:
-        raise ImedsamError(f"--stack-stride: must be >= 1 (a stack centred on every N-th slice), got {stack_stride}")
     if stack_stride != 1 and prompt not in ("auto", "box3d"):
         raise ImedsamError(f"--stack-stride: goes with --prompt auto or box3d (models that see stacks of slices), "
                            f"not --prompt {prompt}")
@@ -256,9 +254,8 @@ def run_volume_evaluation(*, run: str | None, model: str | None, checkpoint: str
         if hasattr(system, "predict_volume") and prompt != "box3d":
             raise ImedsamError(f"--prompt {prompt}: {run or model!r} sees stacks of slices and takes one 3-D box "
                                "per scan; use --prompt box3d")
-    if stack_stride > getattr(system, "stack_depth", stack_stride):
-        raise ImedsamError(f"--stack-stride: {stack_stride} must be at most the model's stack depth "
-                           f"{system.stack_depth} (a larger stride leaves slices in no stack)")
+    if hasattr(system, "check_stack_stride"):
+        system.check_stack_stride(stack_stride)  # before any volume is read
     prepare_for_inference(system, dev, amp)
     results = evaluate_volumes(system, cases, prompt, axis=axis, window=window, device=dev, amp_dtype=amp,
                                views=views, min_foreground=min_foreground, nsd_tolerance=nsd_tolerance,

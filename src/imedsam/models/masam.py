@@ -237,10 +237,8 @@ class MASAM(SegmentationSystem):
         costs one more pass of every stack."""
         from imedsam.runtime import autocast
 
+        self.check_stack_stride(stride)
         depth = self.stack_depth
-        if not 1 <= stride <= depth:
-            raise ImedsamError(f"--stack-stride: {stride} must be between 1 and the model's stack depth {depth} "
-                               "(a larger stride leaves slices in no stack)")
         vol = torch.as_tensor(np.asarray(volume), dtype=torch.float32)
         n, height, width = vol.shape
         size = self.preprocess.img_size
@@ -252,14 +250,15 @@ class MASAM(SegmentationSystem):
         if centres[-1] != hi - 1:
             centres.append(hi - 1)
         resized = F.interpolate(vol[:, None], size=(size, size), mode="bilinear", align_corners=False)  # once
+        view_boxes = [None if box is None else  # each view's box, the same for every stack
+                      torch.as_tensor(view.box(box[0].numpy(), (size, size)), dtype=box.dtype)[None].to(device)
+                      for view in views]
         for done, centre in enumerate(centres, 1):
             idx = torch.clamp(torch.arange(centre - half, centre + half + 1), 0, n - 1)
             x = self.preprocess.normalize_tensor(resized[idx].expand(-1, 3, -1, -1).to(device))
             restored = []
-            for view in views:
+            for view, bv in zip(views, view_boxes):
                 xv = torch.flip(x, [a - 2 for a in view.axes]) if view.axes else x
-                bv = None if box is None else torch.as_tensor(view.box(box[0].cpu().numpy(), (size, size)),
-                                                              dtype=box.dtype)[None].to(device)
                 with autocast(torch.device(device), amp_dtype):
                     out = (self.stack_logits(xv[None])[0] if bv is None
                            else self.stack_logits(xv[None], bv)[0]).float()  # (depth, K + 1, S', S')
@@ -275,6 +274,13 @@ class MASAM(SegmentationSystem):
                 on_stack(done, len(centres))
         total[0, count == 0] = 1.0  # slices outside the box's range: background
         return total / count.clamp(min=1)[None, :, None, None]
+
+    def check_stack_stride(self, stride: int) -> None:
+        """``predict_volume``'s ``stride`` (``--stack-stride``): 1 to the stack depth, so that every slice is in
+        a stack."""
+        if not 1 <= stride <= self.stack_depth:
+            raise ImedsamError(f"--stack-stride: {stride} must be between 1 and the model's stack depth "
+                               f"{self.stack_depth} (a larger stride leaves slices in no stack)")
 
     def _volume_prompt(self, box3d, shape: tuple[int, int, int]) -> tuple[int, int, torch.Tensor | None]:
         """[lo, hi) slices to predict and the ``(1, 4)`` box in encoder-input pixels (None: prompt-free)."""

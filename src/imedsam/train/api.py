@@ -139,8 +139,8 @@ def _run_training(cfg: TrainConfig, data: str | Path, out: str | Path, *, resume
     from imedsam.data.cases import dataset_cases
     from imedsam.models.registry import build_system, get_system
     from imedsam.runtime import autocast_dtype, resolve_device
-    from imedsam.train.distributed import on_main
     from imedsam.train.checkpoint import latest_checkpoint
+    from imedsam.train.distributed import on_main
     from imedsam.train.init_weights import load_init_weights, read_init_source
     from imedsam.train.loop import precheck_run
     from imedsam.train.objectives import get_objective

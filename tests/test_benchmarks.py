@@ -32,8 +32,9 @@ def test_benchmark_imports_resolve(script: Path) -> None:
 
 
 LA_MRI = Path(__file__).resolve().parents[2] / "shared" / "data" / "la-mri"
-LA_METHODS = ("ma_sam_auto", "ma_sam_auto_lcc", "ma_sam_auto_lcc_tta", "ma_sam_box3d", "ma_sam_box3d_lcc",
-              "ma_sam_box3d_lcc_tta", "litemedsam_box", "litemedsam_propagate", "imedsam_box")
+LA_METHODS = ("ma_sam_auto", "ma_sam_auto_lcc", "ma_sam_auto_lcc_tta", "ma_sam_triplanar", "ma_sam_triplanar_lcc",
+              "ma_sam_triplanar_k_lcc", "ma_sam_box3d", "ma_sam_box3d_lcc", "ma_sam_box3d_lcc_tta", "litemedsam_box",
+              "litemedsam_propagate", "imedsam_box")
 
 
 @pytest.mark.skipif(not LA_MRI.is_dir(), reason=f"{LA_MRI} not found (the real LA MRI volumes)")
@@ -67,8 +68,8 @@ def test_la_mri_benchmark_quick_rows(tmp_path: Path) -> None:
         volumes = [v for v in lines if v["row"] == "volume" and v["method"] == name]
         assert len(volumes) == line["volumes"] == 2 and all(0.0 <= v["dice"] <= 1.0 for v in volumes), name
         assert all(v["protocol"] == protocol for v in volumes)
-    for name in ("ma_sam_auto", "ma_sam_auto_lcc", "ma_sam_auto_lcc_tta", "ma_sam_box3d", "ma_sam_box3d_lcc",
-                 "ma_sam_box3d_lcc_tta", "litemedsam_box", "litemedsam_propagate"):  # these always run
+    for name in (*(m for m in LA_METHODS if m.startswith("ma_sam")), "litemedsam_box",
+                 "litemedsam_propagate"):  # these always run
         assert "skipped" not in methods[name], methods[name]
     assert "3-D box per scan" in methods["ma_sam_box3d"]["protocol"]["prompt"]
     assert "largest 3-D connected component" in methods["ma_sam_auto_lcc"]["protocol"]["post_processing"]
@@ -77,6 +78,9 @@ def test_la_mri_benchmark_quick_rows(tmp_path: Path) -> None:
     for name in ("ma_sam_auto_lcc_tta", "ma_sam_box3d_lcc_tta"):
         tta = json.loads((Path(methods[name]["report"]).parent / "summary.json").read_text())
         assert tta["config"]["tta"] == "id,h,v" and tta["config"]["largest_component"] is True, name
+    for name, axes in (("ma_sam_triplanar_lcc", "k,j,i"), ("ma_sam_triplanar_k_lcc", "k")):
+        tri = json.loads((Path(methods[name]["report"]).parent / "summary.json").read_text())
+        assert tri["config"]["stack_axes"] == axes and tri["config"]["largest_component"] is True, name
     box_lcc = json.loads((Path(methods["ma_sam_box3d_lcc"]["report"]).parent / "summary.json").read_text())
     assert box_lcc["config"]["prompt"] == "box3d" and box_lcc["config"]["largest_component"] is True
     assert "percentiles" in methods["litemedsam_box"]["protocol"]["intensity"]  # LGE-MRI: not CT

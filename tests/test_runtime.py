@@ -96,3 +96,88 @@ def test_measure_throughput_is_positive_and_quick() -> None:
     start = time.perf_counter()
     assert measure_throughput(torch.float32, repeats=1) > 0
     assert time.perf_counter() - start < 10  # a calibration, not a benchmark
+
+
+def _calibrated(runtime, fp32: float | None, bf16: float | None):
+    """A machine calibration as cpu_precision would return it (fp32/bf16 GFLOP/s), for this CPU key."""
+    choice = "bf16" if fp32 and bf16 and runtime.choose_precision(fp32, bf16) == "bf16" else "fp32"
+    return lambda **_: runtime.PrecisionCalibration(choice, fp32, bf16, "measured", runtime._cpu_key())
+
+
+def test_part_precision_measures_only_where_the_machine_calibration_does_not_settle_it(tmp_path, monkeypatch):
+    """No native bf16: fp32 unmeasured; bf16 at least 2x fp32 in the GEMM (AMX): bf16 unmeasured; in between
+    (avx512_bf16 without AMX) the part's own timings decide, cached per CPU key and part, shown and forgotten."""
+    import imedsam.runtime as runtime
+
+    monkeypatch.setenv("IMEDSAM_CACHE", str(tmp_path))
+    monkeypatch.setattr(runtime, "_PARTS", {})
+    never = lambda dtype: pytest.fail("measured a part the machine calibration settles")  # noqa: E731
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(runtime, "cpu_precision", _calibrated(runtime, None, None))
+    assert runtime.part_precision("lite encoder 256", never).choice == "fp32"
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(runtime, "cpu_precision", _calibrated(runtime, 330.0, 1234.0))  # AMX
+    amx = runtime.part_precision("lite encoder 256", never)
+    assert amx.choice == "bf16" and amx.source == "calibration"
+    monkeypatch.setattr(runtime, "cpu_precision", _calibrated(runtime, 289.0, 197.0))  # no AMX: fp32 machine-wide
+    calls = []
+
+    def encoder(dtype):  # the README's emulated figures: LiteMedSAM's encoder 0.90 s fp32, 0.79 s bf16
+        calls.append(dtype)
+        return 0.90 if dtype == torch.float32 else 0.79
+
+    enc = runtime.part_precision("lite encoder 256", encoder)
+    assert enc.choice == "bf16" and enc.source == "measured" and calls == [torch.float32, torch.bfloat16]
+    dec = runtime.part_precision("lite decoder 256", lambda d: 0.030 if d == torch.float32 else 0.043)
+    assert dec.choice == "fp32" and dec.bf16_seconds == 0.043
+    close = runtime.part_precision("vit encoder 384", lambda d: 1.00 if d == torch.float32 else 0.97)
+    assert close.choice == "fp32"  # within PART_MARGIN: not worth bf16's rounding
+    monkeypatch.setattr(runtime, "_PARTS", {})  # a new process: from the cache file, nothing measured
+    again = runtime.part_precision("lite encoder 256", never)
+    assert again.choice == "bf16" and again.source == "cache" and again.fp32_seconds == 0.9
+    shown = runtime.cached_part_precisions()
+    assert shown["lite encoder 256"] == {"choice": "bf16", "fp32_seconds": 0.9, "bf16_seconds": 0.79}
+    assert set(shown) == {"lite encoder 256", "lite decoder 256", "vit encoder 384"}
+    assert runtime.forget_part_precisions() == 3 and runtime.cached_part_precisions() == {}
+    assert runtime.part_precision("lite encoder 256", encoder).source == "measured"  # measured again
+
+
+def test_segmenter_runs_its_encoder_and_decoder_each_in_its_own_auto_precision(tmp_path, monkeypatch):
+    """An encoder chosen bf16 and a decoder chosen fp32: the encoder's weights are stored in bf16, the rest stay
+    fp32, and a prediction equals the hand-made one (bf16 autocast encoding, fp32 decoding of its embedding);
+    both parts were timed on the real model in both precisions. Stack models keep one precision."""
+    import imedsam.infer.part_precision as parts
+    import imedsam.runtime as runtime
+
+    monkeypatch.setenv("IMEDSAM_CACHE", str(tmp_path))
+    timed = []
+
+    def decide(name, measure):  # the real timing code runs; the decision is injected
+        timed.extend((name.split()[-2], measure(dtype) > 0) for dtype in (torch.float32, torch.bfloat16))
+        choice = "bf16" if " encoder " in name else "fp32"
+        return runtime.PartPrecision(choice, None, None, "measured", name)
+
+    monkeypatch.setattr(parts, "part_precision", decide)
+    monkeypatch.setattr(runtime, "cpu_precision", _calibrated(runtime, 289.0, 197.0))
+    image = np.random.default_rng(1).integers(0, 255, size=(40, 48, 3), dtype=np.uint8)
+    torch.manual_seed(0)
+    seg = Segmenter("tiny_vit_test", device="cpu", precision="auto")
+    assert timed == [("encoder", True)] * 2 + [("decoder", True)] * 2
+    assert seg.encode_dtype is torch.bfloat16 and seg.amp_dtype is None
+    assert seg.system.sam.image_encoder.patch_embed.proj.weight.dtype == torch.bfloat16
+    assert seg.system.sam.mask_decoder.output_hypernetworks_mlps[0].layers[0].weight.dtype == torch.float32
+    seg.set_image(image)
+    got = seg.predict(box=(5, 6, 30, 25)).logits
+    torch.manual_seed(0)
+    ref = build_system("tiny_vit_test").eval()
+    from imedsam.models.views import encode_views, parse_tta
+
+    with torch.inference_mode():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            (encoded,) = encode_views(ref, image, parse_tta(None), torch.device("cpu"))
+        out = ref.decode(encoded.embedding.float(), encoded.prepared,
+                         encoded.prompts(np.array([5.0, 6.0, 30.0, 25.0])))
+    np.testing.assert_array_equal(got, out.logits[0].float().numpy())
+    timed.clear()
+    stacks = Segmenter("ma_sam", backbone="tiny_tinyvit_test", device="cpu", precision="auto")
+    assert timed == [] and stacks.encode_dtype is stacks.amp_dtype is None  # the machine's fp32

@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="volume, stack models (MA-SAM): centre a stack on every N-th slice (default 1: on every "
                         "slice, MA-SAM's protocol); each slice then averages about D/N stacks instead of D: N "
                         "times faster")
+    p.add_argument("--stack-axes", type=cli_train.stack_axes, default=None, metavar="AXES",
+                   help="volume, " + cli_train.STACK_AXES_HELP)
     p.add_argument("--mask-input", default=None, metavar="PREV",
                    help="a previous mask of the image (PNG, non-zero = object) or low-res logits (.npy) as a "
                         "mask prompt, to refine it with --point")
@@ -146,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="class heads of a multi-class system")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--recalibrate", action="store_true",
-                   help="measure fp32 against bf16 again for --precision auto (on a quiet machine)")
+                   help="measure fp32 against bf16 again for --precision auto (on a quiet machine); the model "
+                        "parts' own measurements are dropped and made again when each part is next used")
 
     p = sub.add_parser("demo", help="the main job on the embedded default (see README)")
     p.add_argument("--data", default=None, help="use your own dataset folder instead of the embedded default")
@@ -202,7 +205,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     volume_only = [flag for flag, given in (("--box3d", args.box3d), ("--propagate", args.propagate),
                                             ("--axis", args.axis != "k"),
                                             ("--largest-component", args.largest_component),
-                                            ("--stack-stride", args.stack_stride != 1)) if given]
+                                            ("--stack-stride", args.stack_stride != 1),
+                                            ("--stack-axes", args.stack_axes)) if given]
     if volume_only:
         raise ImedsamError(f"{volume_only[0]}: {args.image} is a 2D image; {volume_only[0]} goes with a volume "
                            "(use --box X0 Y0 X1 Y1 / --point X Y LABEL)")
@@ -348,9 +352,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.model is None and (args.backbone or args.mode or args.img_size or args.num_classes):
         raise ImedsamError("--backbone/--mode/--img-size/--num-classes describe a model: add --model NAME")
     if args.recalibrate:
-        from imedsam.runtime import cpu_precision
+        from imedsam.runtime import cpu_precision, forget_part_precisions
 
         cpu_precision(refresh=True)
+        forget_part_precisions()  # each model part is measured again when next used
     info = collect_info(model=args.model, backbone=args.backbone, mode=args.mode, img_size=args.img_size,
                         num_classes=args.num_classes)
     print(json.dumps(info, indent=2) if args.json else format_info(info))

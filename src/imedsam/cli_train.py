@@ -24,6 +24,21 @@ def int_at_least(minimum: int):
     return parse
 
 
+def stack_axes(text: str) -> tuple[str, ...]:
+    """An argparse ``type`` for ``--stack-axes``: comma-separated distinct file axes among k, j, i."""
+    from imedsam.io.slicing import check_axes
+
+    try:
+        return check_axes(tuple(t.strip() for t in text.split(",") if t.strip()))
+    except ImedsamError as exc:
+        raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[1]) from None
+
+
+STACK_AXES_HELP = ("stack models (MA-SAM): the file axes the stacks run across, comma-separated (default the "
+                   "model's own: k, or k,j,i for a tri-planar run); the probabilities are averaged over the axes, "
+                   "each axis one more pass")
+
+
 def add_decoding_args(p: argparse.ArgumentParser) -> None:
     """Options on how a prediction is decoded and cleaned, shared by `segment` and `evaluate`."""
     p.add_argument("--min-component", type=int_at_least(0), default=0, metavar="N",
@@ -111,6 +126,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stack-stride", type=int_at_least(1), default=1, metavar="N",
                    help="--volumes --prompt auto|box3d, stack models (MA-SAM): centre a stack on every N-th slice "
                         "(default 1: every slice, MA-SAM's protocol); N times faster")
+    p.add_argument("--stack-axes", type=stack_axes, default=None, metavar="AXES",
+                   help="--volumes --prompt auto|box3d, " + STACK_AXES_HELP)
     p.add_argument("--window", default=None,
                    help="--volumes: intensity window (CT name or CENTER,WIDTH; default the file's, else the "
                         "volume's 0.5-99.5 percentiles)")
@@ -234,7 +251,7 @@ def _volume_only_flags(args: argparse.Namespace) -> None:
     else:
         for flag, given in (("--axis", args.axis != "k"), ("--window", args.window),
                             ("--largest-component", args.largest_component),
-                            ("--stack-stride", args.stack_stride != 1)):
+                            ("--stack-stride", args.stack_stride != 1), ("--stack-axes", args.stack_axes)):
             if given:
                 raise ImedsamError(f"{flag}: goes with --volumes (3-D scoring); 2-D evaluation slices volumes "
                                    "along their first array axis with one window per volume")
@@ -255,7 +272,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                         min_foreground=args.min_foreground, nsd_tolerance=args.nsd_tolerance,
                                         empty_policy=_empty_policy(args.empty_policy), preprocess=args.preprocess,
                                         largest_component=args.largest_component,
-                                        stack_stride=args.stack_stride)
+                                        stack_stride=args.stack_stride, stack_axes=args.stack_axes)
         print(json.dumps(summary))
         return 0
     sizes, sweep = _sizes(args)

@@ -81,9 +81,10 @@ def segment_volume_command(args: argparse.Namespace, sample: Sample) -> int:
             raise ImedsamError(f"{'--point' if args.point else '--propagate'}: {model or args.adapter!r} sees "
                                "stacks of slices and takes one --box3d per scan (box-prompted) or none (--auto)")
         return _segment_volume_stacks(args, sample, box3d=prompt.box3d)
-    if args.stack_stride != 1:
-        raise ImedsamError(f"--stack-stride: goes with a model that sees stacks of slices (a ma_sam run); "
-                           f"{model or args.adapter!r} segments slice by slice")
+    for flag, given in (("--stack-stride", args.stack_stride != 1), ("--stack-axes", args.stack_axes)):
+        if given:
+            raise ImedsamError(f"{flag}: goes with a model that sees stacks of slices (a ma_sam run); "
+                               f"{model or args.adapter!r} segments slice by slice")
     for kind, flag, given in (("box", "--box3d", args.box3d or args.propagate), ("points", "--point", args.point)):
         if given and kind not in cls.prompt_types:
             raise ImedsamError(f"{flag}: model {model or args.adapter!r} cannot use a {kind} prompt")
@@ -142,7 +143,8 @@ def _segment_volume_stacks(args: argparse.Namespace, sample: Sample, box3d: tupl
             bar.update(done - bar.n)
 
         probs = seg.system.predict_volume(display, device=seg.device, amp_dtype=seg.amp_dtype, on_stack=step,
-                                          views=seg.views, stride=args.stack_stride, **prompt)
+                                          views=seg.views, stride=args.stack_stride, axes=args.stack_axes,
+                                          **prompt)
     labels = probs.argmax(0).numpy().astype(np.uint8 if probs.shape[0] <= 256 else np.uint16)
     if args.largest_component:
         from imedsam.models.postprocess import largest_component_per_label

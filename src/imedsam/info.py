@@ -27,7 +27,7 @@ def collect_info(model: str | None = None, backbone: str | None = None, mode: st
     import imedsam
     from imedsam.errors import ImedsamError
     from imedsam.models.registry import describe_models
-    from imedsam.runtime import cpu_has_fast_bf16, cpu_precision, resolve_device
+    from imedsam.runtime import cached_part_precisions, cpu_has_fast_bf16, cpu_precision, resolve_device
     from imedsam.sam.checkpoint import find_litemedsam_weights
 
     try:
@@ -42,6 +42,7 @@ def collect_info(model: str | None = None, backbone: str | None = None, mode: st
         "device": {"auto": str(resolve_device("auto")), "cuda": torch.cuda.is_available(),
                    "cpu_threads": torch.get_num_threads(), "cpu_native_bf16": cpu_has_fast_bf16()},
         "precision_auto_cpu": _calibration(cpu_precision()),
+        "precision_auto_cpu_parts": cached_part_precisions(),
         "weights": {"litemedsam": weights,
                     "sam_vit_b/l/h, mobilesam": "user-supplied file: pass --checkpoint PATH"},
         "models": describe_models(),
@@ -58,6 +59,12 @@ def format_info(info: dict) -> str:
     lines = [f"imedsam {info['imedsam']} (python {info['python']})", "", "versions:"]
     lines += [f"  {k:18s} {v or '-'}" for k, v in info["versions"].items()]
     lines += ["", "device:"] + [f"  {k:18s} {v}" for k, v in info["device"].items()]
+    cal = info["precision_auto_cpu"]
+    lines += ["", "precision auto (CPU):",
+              f"  {'choice':18s} {cal['choice']} ({cal['source']}: GEMM + conv fp32 {cal['fp32_gflops'] or '-'} "
+              f"GFLOP/s, bf16 {cal['bf16_gflops'] or '-'} GFLOP/s)"]
+    lines += [f"  {name:18s} {p['choice']} (measured: fp32 {p['fp32_seconds']} s, bf16 {p['bf16_seconds']} s)"
+              for name, p in info.get("precision_auto_cpu_parts", {}).items()]
     lines += ["", "weights:"] + [f"  {k:18s} {v}" for k, v in info["weights"].items()]
     lines += ["", "models:"] + [f"  {k:18s} {v}" for k, v in info["models"].items()]
     if "parameters" in info:

@@ -163,6 +163,30 @@ def _cpu_key() -> str:
 _CALIBRATION: dict[str, PrecisionCalibration] = {}
 
 
+def _cache_path() -> Path:
+    return _cache_dir() / "precision.json"
+
+
+def _read_cache() -> dict:
+    try:
+        entries = json.loads(_cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
+def _write_cache(key: str, entry: dict) -> None:
+    """Add one entry to the cache file (re-read first: another process may have added its own), atomically."""
+    path = _cache_path()
+    entries = {**_read_cache(), key: entry}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(entries, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home: measure again next time
+
 
 def cpu_precision(*, measure=measure_throughput, refresh: bool = False) -> PrecisionCalibration:
     """The CPU's ``--precision auto`` choice: from this process's memory, else the cache file (``$IMEDSAM_CACHE``
@@ -172,12 +196,7 @@ def cpu_precision(*, measure=measure_throughput, refresh: bool = False) -> Preci
     key = _cpu_key()
     if not refresh and key in _CALIBRATION:
         return _CALIBRATION[key]
-    path = _cache_dir() / "precision.json"
-    entries: dict = {}
-    try:
-        entries = json.loads(path.read_text())
-    except (OSError, ValueError):
-        entries = {}
+    entries = _read_cache()
     if not refresh and isinstance(entries.get(key), dict):
         try:
             found = PrecisionCalibration(**{**entries[key], "source": "cache"})
@@ -193,16 +212,99 @@ def cpu_precision(*, measure=measure_throughput, refresh: bool = False) -> Preci
         fp32 = max(v for d, v in runs if d == torch.float32)
         bf16 = max(v for d, v in runs if d == torch.bfloat16)
         result = PrecisionCalibration(choose_precision(fp32, bf16), round(fp32, 1), round(bf16, 1), "measured", key)
-        entries[key] = asdict(result)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(entries, indent=1))
-            os.replace(tmp, path)
-        except OSError:
-            pass  # a read-only home: measure again next time
+        _write_cache(key, asdict(result))
     _CALIBRATION[key] = result
     return result
+
+
+#: the machine calibration's bf16/fp32 throughput ratio from which every part takes bf16 without being measured
+#: (AMX: 3.5-10x); below it (and with native bf16 in the flags) a model part's own work decides
+CLEAR_BF16_RATIO = 2.0
+
+
+@dataclass(frozen=True)
+class PartPrecision:
+    """What ``--precision auto`` chose for one part of a model (e.g. LiteMedSAM's encoder) on this CPU.
+
+    Attributes:
+        choice: ``"bf16"`` or ``"fp32"``.
+        fp32_seconds, bf16_seconds: the part's measured time per call, or None when the machine calibration
+            decided (no native bf16, or bf16 at least :data:`CLEAR_BF16_RATIO` times fp32 in the GEMM).
+        source: ``"measured"``, ``"cache"`` or ``"calibration"`` (the machine's decision, not measured).
+        key: the cache key (the CPU key of :func:`cpu_precision` and the part's name).
+    """
+
+    choice: str
+    fp32_seconds: float | None
+    bf16_seconds: float | None
+    source: str
+    key: str
+
+
+#: a part measured on its own work (casts included) takes bf16 when fp32 took at least this much longer
+PART_MARGIN = 1.05
+
+_PARTS: dict[str, PartPrecision] = {}
+
+
+def part_precision(name: str, measure, *, refresh: bool = False) -> PartPrecision:
+    """``--precision auto`` for one part of a model on this CPU (``name``, e.g. ``"litemedsam encoder 256"``).
+
+    One GEMM decides a whole machine well where bf16 is far ahead (AMX) or not native at all, but in between a
+    model's parts differ: with oneDNN on ``avx512_core_bf16`` and no AMX, LiteMedSAM's encoder ran faster in
+    bf16 while matrix products, ViT-B and the decoders ran faster in fp32 (README). So: no native bf16 in the
+    flags -> fp32; the machine calibration (:func:`cpu_precision`) measured bf16 at least
+    :data:`CLEAR_BF16_RATIO` times fp32 -> bf16; otherwise ``measure(dtype) -> seconds`` of the part's own work
+    decides (bf16 when fp32 takes at least :data:`PART_MARGIN` times as long), cached like the calibration under the
+    CPU key plus ``name``. ``refresh`` measures again."""
+    cal = cpu_precision()
+    key = f"{cal.key} | {name}"
+    if not cpu_has_fast_bf16() or cal.fp32_gflops is None or cal.bf16_gflops is None:
+        return PartPrecision("fp32", None, None, "calibration", key)
+    if cal.bf16_gflops >= CLEAR_BF16_RATIO * cal.fp32_gflops:
+        return PartPrecision("bf16", None, None, "calibration", key)
+    if not refresh and key in _PARTS:
+        return _PARTS[key]
+    entry = _read_cache().get(key)
+    if not refresh and isinstance(entry, dict):
+        try:
+            _PARTS[key] = PartPrecision(**{**entry, "source": "cache"})
+            return _PARTS[key]
+        except TypeError:
+            pass
+    fp32, bf16 = measure(torch.float32), measure(torch.bfloat16)
+    result = PartPrecision("bf16" if fp32 >= PART_MARGIN * bf16 else "fp32", round(fp32, 4), round(bf16, 4),
+                           "measured", key)
+    _write_cache(key, asdict(result))
+    _PARTS[key] = result
+    return result
+
+
+def forget_part_precisions() -> int:
+    """Drop this CPU key's cached part decisions (``imedsam info --recalibrate``): each part is measured again
+    when next used. Returns how many were dropped."""
+    prefix = f"{_cpu_key()} | "
+    entries = _read_cache()
+    stale = [k for k in entries if k.startswith(prefix)]
+    for k in list(_PARTS):
+        if k.startswith(prefix):
+            del _PARTS[k]
+    if stale:
+        path = _cache_path()
+        try:
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({k: v for k, v in entries.items() if k not in stale}, indent=1))
+            os.replace(tmp, path)
+        except OSError:
+            pass
+    return len(stale)
+
+
+def cached_part_precisions() -> dict[str, dict]:
+    """Every part decision cached for this CPU key (``imedsam info``): part name -> choice and timings."""
+    prefix = f"{_cpu_key()} | "
+    return {k[len(prefix):]: {f: v.get(f) for f in ("choice", "fp32_seconds", "bf16_seconds")}
+            for k, v in _read_cache().items() if k.startswith(prefix) and isinstance(v, dict)}
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -212,7 +314,8 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def cast_frozen_weights(module: torch.nn.Module, dtype: torch.dtype | None) -> int:
+def cast_frozen_weights(module: torch.nn.Module, dtype: torch.dtype | None,
+                        skip: torch.nn.Module | None = None) -> int:
     """Store the frozen ``nn.Linear``/``nn.Conv2d`` weights of ``module`` in the autocast ``dtype`` (inference).
 
     Autocast re-casts fp32 weights on every call (its cast cache only keeps tensors that require grad), which
@@ -220,13 +323,16 @@ def cast_frozen_weights(module: torch.nn.Module, dtype: torch.dtype | None) -> i
     dtype once gives the same results (autocast would round them to that dtype anyway) without the copies.
     Only modules whose parameters are ALL frozen are touched; trainable adapters stay fp32. Afterwards the
     module must run under ``autocast(dtype)``: for inference objects (:class:`imedsam.Segmenter`, evaluation),
-    never for a model that is still trained. ``dtype=None`` (fp32) does nothing. Returns the number of
-    modules cast.
+    never for a model that is still trained. ``dtype=None`` (fp32) does nothing. ``skip``: a submodule left as it
+    is (a part that runs in another precision). Returns the number of modules cast.
     """
     if dtype is None:
         return 0
     count = 0
+    skipped = set() if skip is None else {id(m) for m in skip.modules()}
     for mod in module.modules():
+        if id(mod) in skipped:
+            continue
         if not isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
             continue
         params = list(mod.parameters(recurse=False))
@@ -238,12 +344,16 @@ def cast_frozen_weights(module: torch.nn.Module, dtype: torch.dtype | None) -> i
     return count
 
 
-def prepare_for_inference(module: torch.nn.Module, device: torch.device,
-                          dtype: torch.dtype | None) -> torch.nn.Module:
+def prepare_for_inference(module: torch.nn.Module, device: torch.device, dtype: torch.dtype | None, *,
+                          part: torch.nn.Module | None = None,
+                          part_dtype: torch.dtype | None = None) -> torch.nn.Module:
     """``module`` in eval mode on ``device``, frozen, with its Linear/Conv weights stored in the autocast ``dtype``
-    (:func:`cast_frozen_weights`): for a model built only to predict (``Segmenter``, ``imedsam evaluate``)."""
+    (:func:`cast_frozen_weights`): for a model built only to predict (``Segmenter``, ``imedsam evaluate``).
+    ``part`` (a submodule, e.g. the image encoder) gets ``part_dtype`` instead, and must run under its autocast."""
     module = module.to(device).eval().requires_grad_(False)
-    cast_frozen_weights(module, dtype)
+    if part is not None:
+        cast_frozen_weights(part, part_dtype)
+    cast_frozen_weights(module, dtype, skip=part)
     return module
 
 

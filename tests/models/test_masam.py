@@ -381,3 +381,149 @@ def test_flip_tta_on_volumes_is_flip_equivariant(prompt):
     torch.testing.assert_close(a, torch.flip(b, [-1]), rtol=0, atol=1e-5)
     assert (plain_a - torch.flip(plain_b, [-1])).abs().max() > 1e-3
     assert not torch.allclose(a, plain_a, atol=1e-3)
+
+
+def _diagonal_cube(size: int) -> torch.Tensor:
+    """A (size,)*3 uint8-valued volume whose every slice, across every axis, holds a 0 and a 255 (so each slice's
+    min-max normalisation is the volume's /255), the rest random."""
+    vol = torch.randint(1, 255, (size, size, size), generator=torch.Generator().manual_seed(0)).float()
+    z = torch.arange(size)
+    vol[z, z, z] = 0.0
+    vol[z, (z + 1) % size, (z + 2) % size] = 255.0
+    return vol
+
+
+def test_predict_volume_across_several_axes_averages_them_on_the_volume_grid(monkeypatch):
+    """Tri-planar against a hand computation: a fake head whose class-1 logit is each pixel's normalised value
+    gives sigmoid(volume / 255) back from every axis's pass only if each pass is mapped back onto the (k, j, i)
+    grid correctly; the passes are counted over the axes; a run's stack_axes is the default."""
+    system = build_masam(MASAMConfig(backbone="tiny_tinyvit_test", stack_depth=3, stack_axes=("k", "j", "i")),
+                         pretrained=False)
+    s = system.preprocess.img_size  # slices of the encoder's own size: no resizing
+    vol = _diagonal_cube(s)
+    seen = []
+
+    def fake_stack_logits(images):
+        seen.append(images.shape)
+        x = images[0, :, 0]  # (D, S, S), each slice min-max normalised to [0, 1]
+        return torch.stack([torch.zeros_like(x), x], dim=1)[None]
+
+    monkeypatch.setattr(system, "stack_logits", fake_stack_logits)
+    progress = []
+    want = torch.sigmoid(vol / 255.0)
+    probs = system.predict_volume(vol.numpy(), stride=1, on_stack=lambda d, t: progress.append((d, t)))
+    assert len(seen) == 3 * s and progress[-1] == (3 * s, 3 * s)
+    assert torch.allclose(probs[1], want, atol=1e-5)
+    for axis in ("j", "i"):  # one axis alone gives the same volume back
+        assert torch.allclose(system.predict_volume(vol.numpy(), axes=(axis,))[1], want, atol=1e-5)
+    seen.clear()
+    system.predict_volume(vol.numpy(), axes=("k",), stride=3)
+    assert len(seen) == len(range(0, s, 3)) + (0 if (s - 1) % 3 == 0 else 1)
+    with pytest.raises(ImedsamError, match="--stack-axes"):
+        system.predict_volume(vol.numpy(), axes=("k", "k"))
+
+
+def test_predict_volume_with_a_3d_box_across_several_axes_moves_the_box(monkeypatch):
+    """Box variant, tri-planar: each axis's pass gives its stacks the box's extent in that pass's slices
+    (imedsam.io.slicing.box_across) and centres them on the box's range along that axis; voxels outside every
+    range are background."""
+    system = build_masam(MASAMConfig(backbone="tiny_tinyvit_test", stack_depth=3, decoder={"prompt": "box"},
+                                     stack_axes=("k", "j", "i")), pretrained=False)
+    s = system.preprocess.img_size
+    seen = []
+
+    def fake_stack_logits(images, boxes=None):
+        seen.append(boxes[0].tolist())
+        return torch.zeros(1, images.shape[1], 2, 8, 8)
+
+    monkeypatch.setattr(system, "stack_logits", fake_stack_logits)
+    i0, j0, k0, i1, j1, k1 = 2, 1, 2, 10, 9, 4
+    probs = system.predict_volume(_diagonal_cube(s).numpy(), box3d=(i0, j0, k0, i1, j1, k1))
+    want = [[i0, j0, i1, j1]] * (k1 - k0) + [[i0, k0, i1, k1]] * (j1 - j0) + [[j0, k0, j1, k1]] * (i1 - i0)
+    assert seen == [[float(v) for v in b] for b in want]  # encoder-input pixels = voxels here (no resizing)
+    assert probs[0, 20:, 20:, 20:].eq(1.0).all()  # outside every axis's range
+    assert torch.allclose(probs[:, k0:k1, j0:j1, i0:i1], torch.full((2, k1 - k0, j1 - j0, i1 - i0), 0.5))
+
+
+def test_stacks_across_several_axes_are_items_of_their_own(tmp_path):
+    """``axes=(k, j, i)``: every (volume, axis, slice) is an item, each stack's slices laid out as SliceFrame
+    lays them out; an anisotropic volume is refused with the spacing named."""
+    from tests.data.conftest import make_label_volume, write_nifti
+
+    from imedsam.data import discover
+    from imedsam.data.stacks import StacksDataset, stack_indices
+    from imedsam.io.slicing import across
+
+    lab = make_label_volume()  # (6, 16, 20)
+    dataset_json = json.dumps({"labels": {"background": 0, "a": 1, "b": 2}, "channel_names": {"0": "MR"},
+                               "file_ending": ".nii.gz"})
+    root = tmp_path / "Dataset005_A"
+    write_nifti(root / "imagesTr" / "a_000_0000.nii.gz", (lab * 100 + 20).astype("float32"))
+    write_nifti(root / "labelsTr" / "a_000.nii.gz", lab)
+    (root / "dataset.json").write_text(dataset_json)
+    ds = StacksDataset(discover(root), split="train", depth=3, size=(32, 32), seed=0, foreground_prob=0.0,
+                       axes=("k", "j", "i"))
+    assert len(ds) == 6 + 16 + 20
+    assert [ds[n]["axis"] for n in (0, 6, 6 + 16)] == ["k", "j", "i"]
+    item = ds[6 + 3]  # across j, centred on j = 3: the (k, i) slices j = 2, 3, 4
+    moved = across(lab, "j")[stack_indices(3, 3, 16)].astype("float32")
+    want = torch.nn.functional.interpolate(torch.from_numpy(moved)[:, None], size=(32, 32), mode="nearest")[:, 0]
+    assert item["slice_index"] == 3 and torch.equal(item["labels"], want.long())
+    box = StacksDataset(discover(root), split="train", depth=3, size=(32, 32), seed=0, axes=("k", "i"),
+                        box_prompt=True)
+    assert {it[1] for it in box.items} == {"k", "i"}
+    assert {z for _, a, z in box.items if a == "i"} == set(range(3, 18))  # the labels' i range (columns 3..17)
+    aniso = tmp_path / "Dataset006_B"
+    write_nifti(aniso / "imagesTr" / "b_000_0000.nii.gz", (lab * 100 + 20).astype("float32"), spacing=(3.0, 1.0, 1.0))
+    write_nifti(aniso / "labelsTr" / "b_000.nii.gz", lab, spacing=(3.0, 1.0, 1.0))
+    (aniso / "dataset.json").write_text(dataset_json)
+    with pytest.raises(ImedsamError, match=r"b_000_0000.nii.gz: spacing \(3.0, 1.0, 1.0\) mm is anisotropic"):
+        StacksDataset(discover(aniso), split="train", depth=3, size=(32, 32), axes=("k", "j"))
+    assert len(StacksDataset(discover(aniso), split="train", depth=3, size=(32, 32))) == 6  # across k: fine
+
+
+def test_tri_planar_ma_sam_trains_and_infers_across_its_axes(tmp_path):
+    """A run trained with model.stack_axes [k, j, i] draws stacks across every axis, validates with
+    run.val_stack_stride, and inference and evaluation run across its axes by default (recorded), or across
+    --stack-axes; bad values are refused before any work."""
+    from tests.data.conftest import write_stacks_dataset
+
+    from imedsam.cli import main
+    from imedsam.train.api import run_training
+    from imedsam.train.config import load_config
+
+    root = write_stacks_dataset(tmp_path / "Dataset007_T", "t")
+    overrides = ["model.system=ma_sam", "model.backbone=tiny_tinyvit_test", "model.stack_depth=3",
+                 "model.decoder.num_classes=2", "data.image_size=64", "optim.epochs=1", "optim.max_steps=2",
+                 "optim.batch_size=2", "data.val_fraction=0.34", "run.device=cpu", "run.precision=fp32",
+                 "data.augment=false", "model.stack_axes=[k,j,i]", "run.val_stack_stride=3"]
+    with pytest.raises(ImedsamError, match="run.val_stack_stride: 4 must be at most the model's stack depth 3"):
+        run_training(load_config(None, overrides[:-1] + ["run.val_stack_stride=4"]), tmp_path / "no_data",
+                     tmp_path / "no_run")
+    result = run_training(load_config(None, overrides), root, tmp_path / "run")
+    assert result.history[-1]["val"]["n"] == 1
+    image = root / "imagesTr" / "t_000_0000.nii.gz"
+    run = str(tmp_path / "run")
+    assert main(["evaluate", "--run", run, "--data", str(root), "--split", "all", "--volumes", "--prompt", "auto",
+                 "--out", str(tmp_path / "report"), "--device", "cpu"]) == 0
+    assert json.loads((tmp_path / "report" / "summary.json").read_text())["config"]["stack_axes"] == "k,j,i"
+    assert main(["evaluate", "--run", run, "--data", str(root), "--split", "all", "--volumes", "--prompt", "auto",
+                 "--stack-axes", "k", "--out", str(tmp_path / "report_k"), "--device", "cpu"]) == 0
+    assert json.loads((tmp_path / "report_k" / "summary.json").read_text())["config"]["stack_axes"] == "k"
+    out = tmp_path / "labels.nii.gz"
+    assert main(["segment", str(image), "--adapter", run, "--auto", "--stack-axes", "j,i", "--out", str(out),
+                 "--device", "cpu"]) == 0
+    import nibabel as nib
+
+    assert nib.load(str(out)).shape == nib.load(str(image)).shape
+    for argv in (["segment", str(image), "--adapter", run, "--auto", "--stack-axes", "k,x", "--out",
+                  str(tmp_path / "no.nii.gz")],
+                 ["segment", str(image), "--model", "litemedsam", "--box3d", "1", "1", "1", "5", "5", "3",
+                  "--stack-axes", "k", "--out", str(tmp_path / "no.nii.gz")],
+                 ["evaluate", "--run", run, "--data", str(root), "--stack-axes", "k", "--out",
+                  str(tmp_path / "no_report")]):
+        with pytest.raises(SystemExit) as exit_:
+            code = main(argv)
+            raise SystemExit(code)
+        assert exit_.value.code == 2
+    assert not (tmp_path / "no.nii.gz").exists() and not (tmp_path / "no_report").exists()

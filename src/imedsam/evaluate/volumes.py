@@ -20,7 +20,8 @@ Multi-class volume systems (MA-SAM, which see stacks of slices) take ``auto`` (p
 ``box3d``: one box per scan, the tight 3-D box of all its labelled voxels (every class), given to every slice of
 its range, every class at once (``predict_volume(box3d=...)``); the slices outside its range are background.
 Their stacks are centred on every slice (``stack_stride`` 1, MA-SAM's protocol) or on every N-th slice
-(``stack_stride`` N, recorded in the report: each slice averages about D/N stacks, N times less work).
+(``stack_stride`` N, recorded in the report: each slice averages about D/N stacks, N times less work), across
+the model's ``stack_axes`` or ``stack_axes`` given (k; k, j, i: tri-planar, the axes' probabilities averaged).
 
 ``largest_component`` (off by default; recorded in the report): each class's prediction is reduced to its largest
 3-D connected component (26-connected) before scoring, the usual post-processing of single-structure volume
@@ -114,9 +115,10 @@ def evaluate_volume(system, case_id: str, image: np.ndarray, labels: np.ndarray,
                     amp_dtype=None, views: tuple[FlipView, ...] = (FlipView(),), min_foreground: int = 1,
                     nsd_tolerance: float = 1.0, empty_policy="nan", seed: int = 0,
                     classes: list[int] | None = None, largest_component: bool = False,
-                    stack_stride: int = 1) -> list[VolumeResult]:
+                    stack_stride: int = 1, stack_axes: tuple[str, ...] | None = None) -> list[VolumeResult]:
     """Segment and score every class of one volume (``image`` uint8 (D, H, W), ``labels`` int (D, H, W)).
-    ``stack_stride``: a stack model's stacks centred on every N-th slice (``predict_volume(stride=...)``).
+    ``stack_stride``, ``stack_axes``: a stack model's stacks centred on every N-th slice, across these file axes
+    (``predict_volume(stride=..., axes=...)``; None: the model's own).
 
     ``box``: slice by slice, each slice encoded once for all the objects on it; ``box3d`` / ``propagate``: object
     by object (propagation is sequential), each prompted slice encoded for its object."""
@@ -130,7 +132,7 @@ def evaluate_volume(system, case_id: str, image: np.ndarray, labels: np.ndarray,
         if frame.array_axis != 0:
             raise ImedsamError("--axis: a prompt-free volume model runs across the axis it was trained on (k)")
         predicted = system.predict_volume(image, device=device, amp_dtype=amp_dtype, views=views,
-                                          stride=stack_stride).argmax(0).numpy()
+                                          stride=stack_stride, axes=stack_axes).argmax(0).numpy()
         for c in targets:
             preds[c] = predicted == c
     elif protocol == "box3d" and hasattr(system, "predict_volume"):  # box-prompted volume system: 1 box per scan
@@ -139,7 +141,8 @@ def evaluate_volume(system, case_id: str, image: np.ndarray, labels: np.ndarray,
         box3d = volume_box(np.isin(labels, targets)) if targets else None
         predicted = (np.zeros(labels.shape, np.int64) if box3d is None else  # no object: nothing to prompt
                      system.predict_volume(image, device=device, amp_dtype=amp_dtype, box3d=box3d,
-                                           views=views, stride=stack_stride).argmax(0).numpy())
+                                           views=views, stride=stack_stride,
+                                           axes=stack_axes).argmax(0).numpy())
         for c in targets:
             preds[c] = predicted == c
             prompted[c] = 0 if box3d is None else int(box3d[5] - box3d[2])
@@ -183,7 +186,7 @@ def evaluate_volumes(system, cases, protocol: str, *, axis: str = "k", window=No
                      amp_dtype=None, views: tuple[FlipView, ...] = (FlipView(),), min_foreground: int = 1,
                      nsd_tolerance: float = 1.0, empty_policy="nan", seed: int = 0,
                      progress: bool = True, largest_component: bool = False,
-                     stack_stride: int = 1) -> list[VolumeResult]:
+                     stack_stride: int = 1, stack_axes: tuple[str, ...] | None = None) -> list[VolumeResult]:
     """Every (volume, class) of ``cases`` (:class:`imedsam.data.folders.CaseRef` of 3-D images)."""
     from imedsam.data.dataset import read_case
 
@@ -198,7 +201,8 @@ def evaluate_volumes(system, cases, protocol: str, *, axis: str = "k", window=No
         out.extend(evaluate_volume(system, case.case_id, image, labels, spacing, protocol, frame=frame,
                                    device=device, amp_dtype=amp_dtype, views=views, min_foreground=min_foreground,
                                    nsd_tolerance=nsd_tolerance, empty_policy=empty_policy, seed=seed,
-                                   largest_component=largest_component, stack_stride=stack_stride))
+                                   largest_component=largest_component, stack_stride=stack_stride,
+                                   stack_axes=stack_axes))
     return out
 
 
@@ -207,7 +211,8 @@ def run_volume_evaluation(*, run: str | None, model: str | None, checkpoint: str
                           precision: str = "auto", seed: int = 0, limit: int | None = None, tta: str | None = None,
                           min_foreground: int = 1, nsd_tolerance: float = 1.0, empty_policy="nan",
                           preprocess: str | None = None, progress: bool = True,
-                          largest_component: bool = False, stack_stride: int = 1) -> dict:
+                          largest_component: bool = False, stack_stride: int = 1,
+                          stack_axes: tuple[str, ...] | None = None) -> dict:
     """``imedsam evaluate --volumes``: score a run or a zero-shot model per volume and class on ``split`` of a 3-D
     dataset (module docstring); writes cases.csv, summary.json and report.html in ``out``; returns a summary.
     Every argument is checked before the model is built."""
@@ -228,9 +233,10 @@ def run_volume_evaluation(*, run: str | None, model: str | None, checkpoint: str
         raise ImedsamError(f"--limit: must be >= 1 (the number of volumes to score), got {limit}")
     if min_foreground < 1:
         raise ImedsamError(f"--min-foreground: must be >= 1 pixel, got {min_foreground}")
-    if stack_stride != 1 and prompt not in ("auto", "box3d"):
-        raise ImedsamError(f"--stack-stride: goes with --prompt auto or box3d (models that see stacks of slices), "
-                           f"not --prompt {prompt}")
+    for flag, given in (("--stack-stride", stack_stride != 1), ("--stack-axes", stack_axes is not None)):
+        if given and prompt not in ("auto", "box3d"):
+            raise ImedsamError(f"{flag}: goes with --prompt auto or box3d (models that see stacks of slices), "
+                               f"not --prompt {prompt}")
     index = discover(data)
     split_arg = resolve_split(index, split, data)
     cases = [c for c in index if split_arg is None or c.split == split_arg][:limit]
@@ -248,19 +254,22 @@ def run_volume_evaluation(*, run: str | None, model: str | None, checkpoint: str
                                "propagate (auto is for prompt-free volume models, e.g. a trained ma_sam run)")
     else:
         system.check_prompts(["box"])
-        if stack_stride != 1 and not hasattr(system, "predict_volume"):
-            raise ImedsamError(f"--stack-stride: {run or model!r} segments slice by slice; it goes with a model "
-                               "that sees stacks of slices (a ma_sam run)")
+        for flag, given in (("--stack-stride", stack_stride != 1), ("--stack-axes", stack_axes is not None)):
+            if given and not hasattr(system, "predict_volume"):
+                raise ImedsamError(f"{flag}: {run or model!r} segments slice by slice; it goes with a model that "
+                                   "sees stacks of slices (a ma_sam run)")
         if hasattr(system, "predict_volume") and prompt != "box3d":
             raise ImedsamError(f"--prompt {prompt}: {run or model!r} sees stacks of slices and takes one 3-D box "
                                "per scan; use --prompt box3d")
-    if hasattr(system, "check_stack_stride"):
-        system.check_stack_stride(stack_stride)  # before any volume is read
+    if hasattr(system, "check_stack_stride"):  # before any volume is read
+        system.check_stack_stride(stack_stride)
+        stack_axes = system.check_stack_axes(stack_axes)
     prepare_for_inference(system, dev, amp)
     results = evaluate_volumes(system, cases, prompt, axis=axis, window=window, device=dev, amp_dtype=amp,
                                views=views, min_foreground=min_foreground, nsd_tolerance=nsd_tolerance,
                                empty_policy=empty_policy, seed=seed, progress=progress,
-                               largest_component=largest_component, stack_stride=stack_stride)
+                               largest_component=largest_component, stack_stride=stack_stride,
+                               stack_axes=stack_axes)
     if not results:
         raise ImedsamError(f"--data: no volume of split {split!r} has a labelled object")
     rows = [r.row for r in results]
@@ -279,6 +288,7 @@ def run_volume_evaluation(*, run: str | None, model: str | None, checkpoint: str
               "split": split, "volumes": len(cases), "axis": axis, "window": window, "precision": precision,
               "tta": ",".join(v.name for v in views), "min_foreground": min_foreground, "seed": seed,
               "largest_component": largest_component, "stack_stride": stack_stride,
+              "stack_axes": ",".join(stack_axes) if stack_axes else None,
               "preprocess": system.preprocess.pipeline, "prompt": prompt,
               "protocol": " ".join(__doc__.split("Protocol (written into every report):")[1].split())}
     paths = write_report(out, rows, config=config, conventions=metric_conventions, overlays=overlays,

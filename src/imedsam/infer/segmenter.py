@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -91,9 +91,12 @@ class Segmenter:
         checkpoint: base weights for the backbone (official SAM ``.pth``, LiteMedSAM ...); default per model.
         adapter: trained adapter weights (``adapter.safetensors`` of a run, or its folder) for adapted systems.
         device: ``auto``, ``cpu``, ``cuda`` or ``mps``.
-        precision: ``auto`` (bf16 autocast on CPUs with native bf16 and on CUDA), ``fp32``, ``bf16``, ``fp16``.
-            A model built here from its name is frozen and keeps its Linear/Conv weights in that dtype
-            (:func:`imedsam.runtime.prepare_for_inference`); a system passed in is left as it is.
+        precision: ``auto`` (bf16 autocast on CPUs where it measured faster, :func:`imedsam.runtime.cpu_precision`,
+            and on CUDA), ``fp32``, ``bf16``, ``fp16``. A model built here from its name is frozen and keeps its
+            Linear/Conv weights in that dtype (:func:`imedsam.runtime.prepare_for_inference`); a system passed in
+            is left as it is. ``auto`` on a CPU that the machine calibration does not settle (bf16 native but not
+            far ahead) chooses the encoder's and the decoder's precision apart, each from its own measured work
+            (:mod:`imedsam.infer.part_precision`, cached per machine): ``encode_dtype`` and ``amp_dtype``.
         seed: seed of the Monte-Carlo dropout passes (uncertainty), so that repeated calls agree.
         tta: flip test-time augmentation (:mod:`imedsam.models.views`): ``None``/``"none"``, or flips among ``h``,
             ``v``, ``hv`` such as ``"h,v"``; each flip adds one encoder pass per image. Box and point prompts only.
@@ -121,9 +124,16 @@ class Segmenter:
             from imedsam.models.registry import build_system
 
             model = build_system(model, checkpoint=checkpoint, adapter=adapter, **model_options)
-        self.amp_dtype = autocast_dtype(self.device, precision)
+        self.amp_dtype = autocast_dtype(self.device, precision)  # the decoder's (prompts), and the default
+        self.encode_dtype = self.amp_dtype  # the image encoder's
+        if owned and precision == "auto" and self.device.type == "cpu" and runtime == "torch" \
+                and model.stack_depth == 1:  # stack models run encoder and decoder together (predict_volume)
+            from imedsam.infer.part_precision import auto_part_dtypes
+
+            self.encode_dtype, self.amp_dtype = auto_part_dtypes(model, self.device)
         # a system built here is only used for inference; one passed in may still be trained elsewhere
-        self.system = (prepare_for_inference(model, self.device, self.amp_dtype) if owned
+        self.system = (prepare_for_inference(model, self.device, self.amp_dtype, part=model.encoder_module(),
+                                             part_dtype=self.encode_dtype) if owned
                        else model.to(self.device).eval())
         self.seed = seed
         self._prepared: PreparedImage | None = None
@@ -141,8 +151,10 @@ class Segmenter:
             from imedsam.io import to_display_rgb
 
             image = to_display_rgb(image)
-        with torch.inference_mode(), autocast(self.device, self.amp_dtype):
+        with torch.inference_mode(), autocast(self.device, self.encode_dtype):
             self._encoded = encode_views(self.system, np.asarray(image), self.views, self.device)
+        if self.amp_dtype is None and self.encode_dtype is not None:  # a bf16 encoder, an fp32 decoder
+            self._encoded = [replace(e, embedding=e.embedding.float()) for e in self._encoded]
         self._prepared = self._encoded[0].prepared
         self._history = []
 

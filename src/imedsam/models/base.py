@@ -106,6 +106,11 @@ class SegmentationSystem(nn.Module):
         """
         raise NotImplementedError
 
+    def encoder_module(self) -> nn.Module:
+        """The module :meth:`encode` runs (the image encoder, adapters included): inference may keep its weights
+        in another precision than the rest's (:mod:`imedsam.infer.part_precision`)."""
+        return self.image_encoder
+
     def decode(self, embeddings: torch.Tensor, prepared: PreparedImage, prompts: Prompts, *,
                multimask: bool = False, size: tuple[int, int] | None = None,
                uncertainty: bool = False, seed: int = 0) -> DecodeResult:

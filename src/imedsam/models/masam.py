@@ -19,6 +19,11 @@ Up-sampling: ``log2(S / grid)`` transposed-convolution stages with widths ``C/4,
 head, whose pretrained weights are kept; wider heads start fresh. The mask tokens, hypernetworks and IoU head
 always start fresh (their count changes), the two-way transformer and the IoU token come from the checkpoint.
 
+Stacks run across the file's third axis ``k`` (arrays ``(D, H, W) = (k, j, i)``), or with ``stack_axes``
+``[k, j, i]`` (isotropic volumes) across each axis: training draws each stack across one of them
+(:class:`imedsam.data.stacks.StacksDataset`) and :meth:`MASAM.predict_volume` averages the axes' probability
+volumes on the input grid (tri-planar; :mod:`imedsam.io.slicing` lays each axis's slices out).
+
 ``mode: reference`` is MA-SAM's code: 3-D adapters of width 384 with ``up`` not zero-initialised. On ViT-B at
 512², rank 32 and 12 classes that is exactly 30,142,361 trainable parameters, on ViT-H 96,811,929 (``imedsam info
 --model ma_sam --backbone sam_vit_h --mode reference --num-classes 12``). ``paper`` (default) uses width 64 and
@@ -91,6 +96,18 @@ class MASAMConfig(SystemConfig):
     stack_depth: int = Field(5, ge=1, description="adjacent slices per stack (MA-SAM: 5); odd")
     peft: MASAMPeftConfig = MASAMPeftConfig()
     decoder: MASAMDecoderConfig = MASAMDecoderConfig()
+    stack_axes: tuple[Literal["k", "j", "i"], ...] = Field(
+        ("k",), min_length=1,
+        description="file axes the stacks run across: k (the third: axial for most CT/MR); with j and i too, "
+                    "training draws each stack across one of them and inference averages the probabilities over "
+                    "all (tri-planar; for isotropic volumes)")
+
+    @field_validator("stack_axes")
+    @classmethod
+    def _distinct_axes(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"{list(v)}: each axis once, e.g. [k] or [k, j, i]")
+        return v
 
     @field_validator("stack_depth")
     @classmethod
@@ -219,36 +236,71 @@ class MASAM(SegmentationSystem):
                        amp_dtype: torch.dtype | None = None, stride: int = 1,
                        box3d: tuple[float, ...] | None = None,
                        on_stack: Callable[[int, int], None] | None = None,
-                       views: tuple[FlipView, ...] = (FlipView(),)) -> torch.Tensor:
+                       views: tuple[FlipView, ...] = (FlipView(),),
+                       axes: tuple[str, ...] | None = None) -> torch.Tensor:
         """Class probabilities of a uint8 ``(D, H, W)`` display volume (systems.md §C.7): a stack of
         ``stack_depth`` slices centred on every ``stride``-th slice (edges repeated; the last slice always a
         centre; ``stride`` at most the stack depth, so that every slice is in a stack), each slice resized to the
         encoder input S x S as in training (:class:`imedsam.data.stacks.StacksDataset`), its softmax
-        probabilities resized back to (H, W) and averaged over every stack that holds the slice. Returns
-        float32 ``(num_classes + 1, D, H, W)`` on the CPU; ``argmax(0)`` is the label volume.
+        probabilities resized back to the slice's size and averaged over every stack that holds the slice.
+        Returns float32 ``(num_classes + 1, D, H, W)`` on the CPU; ``argmax(0)`` is the label volume.
+
+        ``axes``: the file axes the stacks run across (:mod:`imedsam.io.slicing`; default the model's
+        ``stack_axes``, ``("k",)`` unless it was trained tri-planar): the probabilities of each axis's pass are
+        mapped back onto the ``(D, H, W)`` grid and averaged over the axes with equal weight.
 
         ``box3d``: the box-prompted variant's prompt (and only its), ``(i0, j0, k0, i1, j1, k1)`` half-open on
-        the ``(D, H, W) = (k, j, i)`` array (the order of ``--box3d``): stacks are centred on the slices of
-        ``[k0, k1)``, each slice given the box's in-plane extent, and only those slices are predicted (every
-        other slice, and nothing outside the box's range, is background: probability 1 for class 0).
-        ``on_stack(done, total)`` is called after each stack (progress bars). ``views``: flip test-time
-        augmentation (:func:`imedsam.models.views.parse_tta`): every stack is also predicted flipped in-plane (its
-        box flipped with it), the logits flipped back and averaged over the views before the softmax; each view
-        costs one more pass of every stack."""
-        from imedsam.runtime import autocast
+        the ``(D, H, W) = (k, j, i)`` array (the order of ``--box3d``): stacks are centred on the slices of the
+        box's range along each axis, each slice given the box's in-plane extent, and only those slices are
+        predicted (every other slice, and nothing outside the box's range, is background: probability 1 for class
+        0). ``on_stack(done, total)`` is called after each stack, counted over all axes (progress bars).
+        ``views``: flip test-time augmentation (:func:`imedsam.models.views.parse_tta`): every stack is also
+        predicted flipped in-plane (its box flipped with it), the logits flipped back and averaged over the views
+        before the softmax; each view costs one more pass of every stack."""
+        from imedsam.io.slicing import across, back, box_across
 
         self.check_stack_stride(stride)
-        depth = self.stack_depth
+        axes = self.check_stack_axes(axes)
         vol = torch.as_tensor(np.asarray(volume), dtype=torch.float32)
+        self._volume_prompt(box3d, tuple(vol.shape))  # the box checked against the volume as given
+        passes = []
+        for axis in axes:
+            moved = across(vol, axis)
+            lo, hi, box = self._volume_prompt(None if box3d is None else box_across(box3d, axis),
+                                              tuple(moved.shape))
+            centres = list(range(lo, hi, stride))
+            if centres[-1] != hi - 1:
+                centres.append(hi - 1)
+            passes.append((axis, moved, lo, hi, box, centres))
+        total_stacks, done = sum(len(p[-1]) for p in passes), 0
+
+        def step(_d: int, _t: int) -> None:
+            nonlocal done
+            done += 1
+            if on_stack is not None:
+                on_stack(done, total_stacks)
+
+        probs = None
+        for axis, moved, lo, hi, box, centres in passes:
+            p = back(self._predict_across(moved, lo, hi, box, centres, device=device, amp_dtype=amp_dtype,
+                                          views=views, on_stack=step), axis)
+            probs = p if probs is None else probs.add_(p)
+        return (probs if len(passes) == 1 else probs.div_(len(passes))).contiguous()
+
+    def _predict_across(self, vol: torch.Tensor, lo: int, hi: int, box: torch.Tensor | None, centres: list[int],
+                        *, device, amp_dtype, views: tuple[FlipView, ...],
+                        on_stack: Callable[[int, int], None]) -> torch.Tensor:
+        """:meth:`predict_volume` across the first axis of the float ``(n, H, W)`` array ``vol``: stacks centred
+        on ``centres`` (inside ``[lo, hi)``, the slices predicted), ``box`` the ``(1, 4)`` box in encoder-input
+        pixels or None. Returns ``(num_classes + 1, n, H, W)``."""
+        from imedsam.runtime import autocast
+
+        depth = self.stack_depth
         n, height, width = vol.shape
         size = self.preprocess.img_size
         total = torch.zeros(self.num_classes + 1, n, height, width)
         count = torch.zeros(n)
         half = depth // 2
-        lo, hi, box = self._volume_prompt(box3d, (n, height, width))
-        centres = list(range(lo, hi, stride))
-        if centres[-1] != hi - 1:
-            centres.append(hi - 1)
         resized = F.interpolate(vol[:, None], size=(size, size), mode="bilinear", align_corners=False)  # once
         view_boxes = [None if box is None else  # each view's box, the same for every stack
                       torch.as_tensor(view.box(box[0].numpy(), (size, size)), dtype=box.dtype)[None].to(device)
@@ -270,10 +322,15 @@ class MASAM(SegmentationSystem):
                 if lo <= z < hi:
                     total[:, z] += prob[j]
                     count[z] += 1
-            if on_stack is not None:
-                on_stack(done, len(centres))
+            on_stack(done, len(centres))
         total[0, count == 0] = 1.0  # slices outside the box's range: background
         return total / count.clamp(min=1)[None, :, None, None]
+
+    def check_stack_axes(self, axes: tuple[str, ...] | None) -> tuple[str, ...]:
+        """``predict_volume``'s ``axes`` (``--stack-axes``; None: the model's ``stack_axes``), checked."""
+        from imedsam.io.slicing import check_axes
+
+        return tuple(self.config.stack_axes) if axes is None else check_axes(axes)
 
     def check_stack_stride(self, stride: int) -> None:
         """``predict_volume``'s ``stride`` (``--stack-stride``): 1 to the stack depth, so that every slice is in

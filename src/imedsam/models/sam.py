@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+from torch import nn
 
 from imedsam.errors import ImedsamError
 from imedsam.models.base import DecodeResult, Prompts, SegmentationSystem
@@ -103,6 +104,9 @@ class ZeroShotSam(SamDecoding):
 
     def encode(self, images: torch.Tensor, valid_hw: tuple[int, int] | None = None) -> torch.Tensor:
         return self.sam.image_encoder(images)
+
+    def encoder_module(self) -> nn.Module:
+        return self.sam.image_encoder
 
 
 def build_zero_shot(config: ZeroShotConfig, *, pretrained: bool = True) -> ZeroShotSam:

@@ -55,7 +55,7 @@ def training_dataset(cfg: TrainConfig, index, objective_cls):
         box_prompt = getattr(getattr(cfg.model, "decoder", None), "prompt", "none") == "box"  # MA-SAM's box variant
         return StacksDataset(index, split=d.train_split, depth=cfg.model.stack_depth, size=size, augment=augment,
                              seed=cfg.run.seed, foreground_prob=cfg.objective.foreground_prob,
-                             box_prompt=box_prompt)
+                             box_prompt=box_prompt, axes=tuple(cfg.model.stack_axes))
     common = dict(split=d.train_split, size=size, augment=augment, box_jitter=jitter, seed=cfg.run.seed,
                   min_foreground=d.min_foreground)
     masks_per_image = getattr(cfg.objective, "masks_per_image", None)
@@ -89,11 +89,11 @@ def make_validator(val_cases, protocols, *, size, device, amp, seed):
     return validate
 
 
-def make_volume_validator(val_refs, *, device, amp):
+def make_volume_validator(val_refs, *, device, amp, stride: int = 1):
     """Multi-class volume systems (MA-SAM): ``validate(system) -> {"dice", "n"}``, the mean over the val
     volumes of the mean over the classes present (in the ground truth or the prediction) of the 3-D Dice of
     ``argmax`` of :meth:`predict_volume` (prompt-free, or the box-prompted variant from the ground truth's tight
-    3-D box)."""
+    3-D box; stacks centred on every ``stride``-th slice, across the model's ``stack_axes``)."""
     from imedsam.data.dataset import read_case
     from imedsam.data.volume_prompts import volume_box
 
@@ -104,7 +104,8 @@ def make_volume_validator(val_refs, *, device, amp):
             prompt = {"box3d": volume_box(labels > 0)} if getattr(system, "box_prompted", False) else {}
             if prompt.get("box3d", ()) is None:  # a box-prompted model has nothing to segment in an empty volume
                 continue
-            pred = system.predict_volume(image, device=device, amp_dtype=amp, **prompt).argmax(0).numpy()
+            pred = system.predict_volume(image, device=device, amp_dtype=amp, stride=stride,
+                                         **prompt).argmax(0).numpy()
             dice = []
             for c in sorted(set(np.unique(labels).tolist()) | set(np.unique(pred).tolist()) - {0}):
                 g, p = labels == c, pred == c
@@ -151,6 +152,10 @@ def _run_training(cfg: TrainConfig, data: str | Path, out: str | Path, *, resume
         init = read_init_source(cfg.run.init_from, cfg.model.system)  # checked before the data is read
     spec = get_system(cfg.model.system)
     objective_cls = get_objective(spec.objective, spec.name)
+    depth = getattr(cfg.model, "stack_depth", 1)
+    if cfg.run.val_stack_stride > depth:  # before the data is read
+        raise ImedsamError(f"run.val_stack_stride: {cfg.run.val_stack_stride} must be at most the model's stack "
+                           f"depth {depth} (a larger stride leaves slices in no stack)")
     index = discover(data)
     if not index.has_splits:
         raise ImedsamError(f"--data: {data} has no splits (splits.json, nnU-Net imagesTr/imagesTs or SAM-Med2D's "
@@ -178,6 +183,6 @@ def _run_training(cfg: TrainConfig, data: str | Path, out: str | Path, *, resume
     validate = make_validator(val_cases, system.val_protocols, size=size_val, device=device, amp=amp,
                               seed=cfg.run.seed) if val_cases else None
     if val_refs:
-        validate = make_volume_validator(val_refs, device=device, amp=amp)
+        validate = make_volume_validator(val_refs, device=device, amp=amp, stride=cfg.run.val_stack_stride)
     return train(system, objective_cls, train_set, validate, cfg, Path(out), resume=resume, data=data,
                  allow_config_change=allow_config_change, dist=dist)

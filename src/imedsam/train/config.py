@@ -89,6 +89,9 @@ class RunSettings(_Strict):
     val_every: int = Field(1, ge=1, description="validate every N epochs (best checkpoint chosen on val only)")
     val_size: tuple[int, int] | None = Field(None, description="validation output grid [H, W]; default the "
                                                                "original image size")
+    val_stack_stride: int = Field(1, ge=1, description="validation of stack models (MA-SAM) on volumes: a stack "
+                                                       "centred on every N-th slice (--stack-stride; at most the "
+                                                       "stack depth), N times fewer passes")
     init_from: str | None = Field(None, description="start from the trained tensors of this run folder (its best "
                                                     "checkpoint) or adapter file, same system: tensors of the same "
                                                     "name and shape copied, the others keep their seeded "

@@ -181,3 +181,7 @@ def test_segmenter_runs_its_encoder_and_decoder_each_in_its_own_auto_precision(t
     timed.clear()
     stacks = Segmenter("ma_sam", backbone="tiny_tinyvit_test", device="cpu", precision="auto")
     assert timed == [] and stacks.encode_dtype is stacks.amp_dtype is None  # the machine's fp32
+    lite = Segmenter("tiny_tinyvit_test", device="cpu", precision="auto")  # TinyViT: folded, fused Conv2dBN
+    assert timed == [("encoder", True)] * 2 + [("decoder", True)] * 2 and lite.encode_dtype is torch.bfloat16
+    lite.set_image(image)
+    assert np.isfinite(lite.predict(box=(5, 6, 30, 25)).logits).all()

@@ -141,6 +141,21 @@ def test_conv_bn_folds_in_eval_and_follows_weight_changes(groups):
         torch.testing.assert_close(layer(x), _unfolded(layer, x), atol=1e-5, rtol=1e-5)
 
 
+def test_conv_bn_made_under_inference_mode_folds_each_call_and_follows_changes():
+    """Weights built or copied under ``torch.inference_mode`` are inference tensors, which track no version: the
+    fold is computed afresh each call (no stale cache after an in-place change), inside and outside that mode."""
+    x = torch.randn(2, 8, 9, 7)
+    with torch.inference_mode():
+        layer = _conv_bn().eval()
+        assert layer.c.weight.is_inference()
+        torch.testing.assert_close(layer(x), _unfolded(layer, x), atol=1e-5, rtol=1e-5)
+        layer.c.weight.mul_(2.0)
+        torch.testing.assert_close(layer(x), _unfolded(layer, x), atol=1e-5, rtol=1e-5)
+        assert layer._folded is not None and layer._folded[0] is None  # computed, never trusted as a cache
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), _unfolded(layer, x), atol=1e-5, rtol=1e-5)
+
+
 def test_conv_bn_trains_with_batch_statistics_and_frozen_layers_pass_gradients():
     layer = _conv_bn().train()
     x = torch.randn(4, 8, 5, 5)

@@ -58,9 +58,10 @@ def auto_part_dtypes(system, device: torch.device) -> tuple[torch.dtype | None, 
     embeddings: dict[torch.dtype, torch.Tensor] = {}
 
     def model(dtype: torch.dtype):
-        if dtype not in models:  # built only when a part is really measured
-            twin = copy.deepcopy(system).eval().requires_grad_(False)
-            cast_frozen_weights(twin, dtype)
+        if dtype not in models:  # built only when a part is really measured; normal tensors, not inference ones
+            with torch.inference_mode(False):
+                twin = copy.deepcopy(system).eval().requires_grad_(False)
+                cast_frozen_weights(twin, dtype)
             models[dtype] = twin
         return models[dtype]
 

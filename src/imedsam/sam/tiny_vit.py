@@ -97,11 +97,16 @@ class Conv2dBN(nn.Sequential):
         return not bn.training and bn.track_running_stats and not (trainable and torch.is_grad_enabled())
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weight, bias) of ``bn(c(x))`` in eval mode, in the conv weight's dtype (folded in fp32)."""
+        """(weight, bias) of ``bn(c(x))`` in eval mode, in the conv weight's dtype (folded in fp32). Cached until a
+        tensor is replaced or changed in place; weights that are inference tensors (made under
+        ``torch.inference_mode``) track no version, so their fold is computed afresh on each call."""
         conv, bn = self.c, self.bn
         tensors = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-        key = tuple((id(t), t._version, t.dtype, t.device) for t in tensors) + (bn.eps,)
-        if self._folded is None or self._folded[0] != key:
+        if any(t.is_inference() for t in tensors):
+            key = None
+        else:
+            key = tuple((id(t), t._version, t.dtype, t.device) for t in tensors) + (bn.eps,)
+        if key is None or self._folded is None or self._folded[0] != key:
             with torch.inference_mode(False), torch.no_grad():  # normal tensors: usable when training too
                 scale = bn.weight.float() / torch.sqrt(bn.running_var.float() + bn.eps)
                 weight = conv.weight.float() * scale[:, None, None, None]

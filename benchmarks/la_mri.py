@@ -306,15 +306,15 @@ def la_rows(args, emit: Printer, data: Path, out: Path) -> None:
     quick = ["data.image_size=64", "optim.max_steps=2", "optim.batch_size=1", "optim.warmup_steps=0"]
     base = load_config(CONFIG, []).optim
 
-    def budget(minutes: float) -> list[str]:
+    def budget(minutes: float, max_steps: int | None = None) -> list[str]:
         """The wall-clock budget, and the cosine schedule's length scaled with it (the config's steps are what
         its own budget holds), so that a shorter run still decays its learning rate."""
         if args.quick:
             return [f"optim.max_minutes={minutes:g}"]
-        steps = max(10, round(base.max_steps * minutes / base.max_minutes))
+        steps = max_steps or max(10, round(base.max_steps * minutes / base.max_minutes))
         return [f"optim.max_minutes={minutes:g}", f"optim.max_steps={steps}"]
 
-    overrides = [*budget(args.budget_minutes), f"run.seed={args.seed}", *(quick if args.quick else [])]
+    overrides = [*budget(args.budget_minutes, args.max_steps), f"run.seed={args.seed}", *(quick if args.quick else [])]
     cfg = load_config(CONFIG, overrides)
     size = cfg.data.image_size
     d = cfg.data
@@ -488,6 +488,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stack-stride", type=int, default=1, metavar="N",
                         help="score the MA-SAM methods with a stack centred on every N-th slice (1-5; default 1, "
                              "every slice: MA-SAM's protocol), as METHOD@strideN")
+    parser.add_argument("--max-steps", type=int, default=None, metavar="N",
+                        help="the cosine schedule's length of the automatic MA-SAM trainings (default: the "
+                             "config's, scaled with --budget-minutes; its 1400 steps are what 90 min hold on an AMX "
+                             "CPU: give what the budget holds on a slower one)")
     parser.add_argument("--seed", type=int, default=2023)
     parser.add_argument("--precision", default="auto", help="inference precision (auto | fp32 | bf16)")
     args = parser.parse_args(argv)

@@ -4,7 +4,8 @@ For each backbone and precision, in its own subprocess (so that no compiled code
 random weights stored as :class:`imedsam.Segmenter` stores them (``runtime.prepare_for_inference``) and 2 threads:
 the eager encoder's median over ``--repeats`` calls after one warm-up, then ``torch.compile`` (inductor, default
 mode) of the same encoder: the first call's seconds (compiling included) and the median of the next calls. Prints
-one JSON line per case with ``break_even_images``: how many images a process (``predict`` over a folder, the web
+one JSON line per case, with the CPU's calibration and what ``--precision auto`` picks there
+(``runtime.cpu_facts``), and ``break_even_images``: how many images a process (``predict`` over a folder, the web
 page) must encode before compiling pays for itself (null when the compiled encoder is not faster).
 
     python benchmarks/compile.py [--models litemedsam,sam_vit_b] [--precisions fp32,bf16] [--repeats 5]
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,17 +31,12 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 SIZES = {"litemedsam": 256, "sam_vit_b": 384}
 
 
-def _median(values: list[float]) -> float:
-    values = sorted(values)
-    return values[len(values) // 2]
-
-
 def measure(name: str, precision: str, repeats: int, threads: int) -> dict:
     import time
 
     import torch
 
-    from imedsam.runtime import autocast, prepare_for_inference
+    from imedsam.runtime import autocast, cpu_facts, prepare_for_inference
     from imedsam.sam.build import build_sam
 
     torch.set_num_threads(threads)
@@ -58,12 +55,12 @@ def measure(name: str, precision: str, repeats: int, threads: int) -> dict:
         return time.perf_counter() - start
 
     timed(encoder)  # warm-up: oneDNN builds its kernels on the first call
-    eager = _median([timed(encoder) for _ in range(repeats)])
+    eager = statistics.median(timed(encoder) for _ in range(repeats))
     compiled = torch.compile(encoder)
     first = timed(compiled)
-    steady = _median([timed(compiled) for _ in range(repeats)])
+    steady = statistics.median(timed(compiled) for _ in range(repeats))
     gain = eager - steady
-    return {"benchmark": "compile", "model": name, "input": size, "precision": precision, "threads": threads,
+    return {"benchmark": "compile", "model": name, "input": size, "precision": precision, **cpu_facts(),
             "eager_seconds": round(eager, 3), "compiled_seconds": round(steady, 3),
             "first_compiled_call_seconds": round(first, 1), "speedup": round(eager / steady, 2),
             "break_even_images": round((first - steady) / gain) if gain > 0 else None, "repeats": repeats,

@@ -129,14 +129,6 @@ def click(case: dict, precision: str) -> dict:
             "click_ms_min": round(1000 * prompts[0], 1), "click_ms_p90": round(1000 * prompts[int(0.9 * len(prompts))], 1)}
 
 
-def _cpu_flag(flag: str) -> bool:
-    """Whether /proc/cpuinfo lists ``flag`` (oneDNN runs bf16 matrix products on AMX tiles when it does)."""
-    try:
-        return flag in Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-
-
 def run_case(name: str, threads: int, precision: str, run: Path | None = None) -> dict:
     import resource
     import time
@@ -147,20 +139,15 @@ def run_case(name: str, threads: int, precision: str, run: Path | None = None) -
     from imedsam.sam.prepare import prepare_image, to_input_coords
     from imedsam.models.base import Prompts
     from imedsam.models.imedsam import IMedSAMConfig, build_imedsam
-    from imedsam.runtime import (autocast, autocast_dtype, cpu_has_fast_bf16, cpu_precision, onednn_settings,
-                                 prepare_for_inference)
+    from imedsam.runtime import autocast, autocast_dtype, cpu_facts, prepare_for_inference
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     case = CASES[name]
     cpu = torch.device("cpu")
     amp = autocast_dtype(cpu, precision)
-    head = {"benchmark": "imedsam", "case": name, **case, "threads": threads, "precision": precision,
-            "cpu_native_bf16": cpu_has_fast_bf16(), "cpu_amx_bf16": _cpu_flag("amx_bf16"), "mode": "paper",
-            "onednn_env": onednn_settings()}  # oneDNN limits set in the environment, e.g. AMX turned off
-    cal = cpu_precision()  # what --precision auto picks here, from the GEMM + conv calibration
-    head.update(auto_precision=cal.choice, calibration_fp32_gflops=cal.fp32_gflops,
-                calibration_bf16_gflops=cal.bf16_gflops)
+    # the CPU flags, what --precision auto picks here (GEMM + conv calibration) and the oneDNN limits set
+    head = {"benchmark": "imedsam", "case": name, **case, "precision": precision, "mode": "paper", **cpu_facts()}
     if case["kind"] == "click":
         return {**head, **click(case, precision), "peak_rss_gb": round(
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2)}

@@ -96,22 +96,6 @@ METRICS = ("per volume in 3-D on its own grid: Dice; HD95 in mm (MONAI, max of t
 # ----------------------------------------------------------------------------------------------- facts and rows
 
 
-def cpu_facts() -> dict:
-    """What ``--precision auto`` picks on this CPU and why (as benchmarks/imedsam.py reports it)."""
-    import torch
-
-    from imedsam.runtime import cpu_has_fast_bf16, cpu_precision, onednn_settings
-
-    try:
-        amx = "amx_bf16" in Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        amx = False
-    cal = cpu_precision()
-    return {"threads": torch.get_num_threads(), "cpu_native_bf16": cpu_has_fast_bf16(), "cpu_amx_bf16": amx,
-            "auto_precision": cal.choice, "calibration_fp32_gflops": cal.fp32_gflops,
-            "calibration_bf16_gflops": cal.bf16_gflops, "onednn_env": onednn_settings()}
-
-
 class Printer:
     """JSON lines on stdout (flushed), each with the run's common fields; also kept for ``results.jsonl``."""
 
@@ -507,6 +491,8 @@ def main(argv: list[str] | None = None) -> int:
         args.budget_minutes = min(args.budget_minutes, 1.0)
         args.box3d_minutes = min(args.box3d_minutes, 1.0)
         args.totalseg_minutes = min(args.totalseg_minutes, 0.5)
+
+    from imedsam.runtime import cpu_facts  # what --precision auto picks on this CPU and why
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -88,6 +88,21 @@ def test_calibration_key_follows_onednn_isa_limits(monkeypatch) -> None:
     assert runtime._cpu_key() == plain
 
 
+def test_cpu_facts_report_the_calibration_and_onednn_limits_that_benchmarks_print(tmp_path, monkeypatch) -> None:
+    import imedsam.runtime as runtime
+
+    monkeypatch.setenv("IMEDSAM_CACHE", str(tmp_path))
+    monkeypatch.setattr(runtime, "_CALIBRATION", {})
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")
+    runtime.cpu_precision(measure=lambda d: 176.0 if d == torch.float32 else 73.0)  # cached for cpu_facts
+    facts = runtime.cpu_facts()
+    assert facts["auto_precision"] == "fp32" and facts["cpu_native_bf16"] is True
+    assert (facts["calibration_fp32_gflops"], facts["calibration_bf16_gflops"]) == (176.0, 73.0)
+    assert facts["onednn_env"] == {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}
+    assert facts["threads"] == torch.get_num_threads() and isinstance(facts["cpu_amx_bf16"], bool)
+
+
 def test_measure_throughput_is_positive_and_quick() -> None:
     import time
 

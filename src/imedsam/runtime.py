@@ -144,6 +144,20 @@ def onednn_settings() -> dict[str, str]:
     return {name: os.environ[name] for name in ONEDNN_ENV if os.environ.get(name)}
 
 
+def cpu_facts() -> dict:
+    """What ``--precision auto`` picks on this CPU and why, as benchmarks print it beside every figure: threads,
+    the CPU flags (``cpu_native_bf16``: avx512_bf16 or amx_bf16; ``cpu_amx_bf16``), the calibration's choice and
+    GFLOP/s (:func:`cpu_precision`, cached per machine) and the oneDNN limits set in the environment."""
+    try:
+        amx = "amx_bf16" in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        amx = False
+    cal = cpu_precision()
+    return {"threads": torch.get_num_threads(), "cpu_native_bf16": cpu_has_fast_bf16(), "cpu_amx_bf16": amx,
+            "auto_precision": cal.choice, "calibration_fp32_gflops": cal.fp32_gflops,
+            "calibration_bf16_gflops": cal.bf16_gflops, "onednn_env": onednn_settings()}
+
+
 def _cpu_key() -> str:
     try:
         info = open("/proc/cpuinfo").read()

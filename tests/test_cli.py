@@ -157,6 +157,8 @@ def test_info_shows_the_precision_choice_and_each_measured_part(capsys, tmp_path
     monkeypatch.setenv("IMEDSAM_CACHE", str(tmp_path))
     monkeypatch.setattr(runtime, "cpu_precision", lambda **_: runtime.PrecisionCalibration(
         "fp32", 289.0, 197.0, "cache", runtime._cpu_key()))
+    monkeypatch.setattr(runtime, "fp32_linear_backend", lambda **_: runtime.LinearBackend(
+        "onednn", 141.0, 205.0, "measured", "k"))
     runtime._write_cache(f"{runtime._cpu_key()} | sam litemedsam encoder 256",
                          {"choice": "bf16", "fp32_seconds": 0.9, "bf16_seconds": 0.79, "source": "measured",
                           "key": "k"})
@@ -164,6 +166,7 @@ def test_info_shows_the_precision_choice_and_each_measured_part(capsys, tmp_path
     assert code == 0
     assert "choice             fp32 (cache: GEMM + conv fp32 289.0 GFLOP/s, bf16 197.0 GFLOP/s)" in out
     assert "sam litemedsam encoder 256 bf16 (measured: fp32 0.9 s, bf16 0.79 s)" in out
+    assert "fp32 dense layers  onednn (measured: ATen 141.0 GFLOP/s, oneDNN 205.0 GFLOP/s)" in out
     code, out, _ = _run(capsys, ["info", "--json"])
     assert json.loads(out)["precision_auto_cpu_parts"]["sam litemedsam encoder 256"]["choice"] == "bf16"
 

@@ -148,8 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="class heads of a multi-class system")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--recalibrate", action="store_true",
-                   help="measure fp32 against bf16 again for --precision auto (on a quiet machine); the model "
-                        "parts' own measurements are dropped and made again when each part is next used")
+                   help="measure fp32 against bf16 again for --precision auto, and ATen against oneDNN for fp32 "
+                        "dense layers (on a quiet machine); the model parts' own measurements are dropped and "
+                        "made again when each part is next used")
 
     p = sub.add_parser("demo", help="the main job on the embedded default (see README)")
     p.add_argument("--data", default=None, help="use your own dataset folder instead of the embedded default")
@@ -352,10 +353,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.model is None and (args.backbone or args.mode or args.img_size or args.num_classes):
         raise ImedsamError("--backbone/--mode/--img-size/--num-classes describe a model: add --model NAME")
     if args.recalibrate:
-        from imedsam.runtime import cpu_precision, forget_part_precisions
+        from imedsam.runtime import cpu_precision, forget_part_precisions, fp32_linear_backend
 
         cpu_precision(refresh=True)
         forget_part_precisions()  # each model part is measured again when next used
+        fp32_linear_backend(refresh=True)
     info = collect_info(model=args.model, backbone=args.backbone, mode=args.mode, img_size=args.img_size,
                         num_classes=args.num_classes)
     print(json.dumps(info, indent=2) if args.json else format_info(info))

@@ -19,6 +19,12 @@ def _calibration(cal) -> dict:
             "source": cal.source}
 
 
+def _linear(backend) -> dict:
+    """Which kernels run fp32 dense layers on this CPU (ATen/MKL or oneDNN) as `imedsam info` shows it."""
+    return {"choice": backend.choice, "aten_gflops": backend.aten_gflops, "onednn_gflops": backend.onednn_gflops,
+            "source": backend.source}
+
+
 def collect_info(model: str | None = None, backbone: str | None = None, mode: str | None = None,
                  img_size: int | None = None, num_classes: int | None = None) -> dict:
     """Everything `imedsam info` prints, as a dict."""
@@ -27,7 +33,13 @@ def collect_info(model: str | None = None, backbone: str | None = None, mode: st
     import imedsam
     from imedsam.errors import ImedsamError
     from imedsam.models.registry import describe_models
-    from imedsam.runtime import cached_part_precisions, cpu_has_fast_bf16, cpu_precision, resolve_device
+    from imedsam.runtime import (
+        cached_part_precisions,
+        cpu_has_fast_bf16,
+        cpu_precision,
+        fp32_linear_backend,
+        resolve_device,
+    )
     from imedsam.sam.checkpoint import find_litemedsam_weights
 
     try:
@@ -43,6 +55,7 @@ def collect_info(model: str | None = None, backbone: str | None = None, mode: st
                    "cpu_threads": torch.get_num_threads(), "cpu_native_bf16": cpu_has_fast_bf16()},
         "precision_auto_cpu": _calibration(cpu_precision()),
         "precision_auto_cpu_parts": cached_part_precisions(),
+        "fp32_linear_cpu": _linear(fp32_linear_backend()),
         "weights": {"litemedsam": weights,
                     "sam_vit_b/l/h, mobilesam": "user-supplied file: pass --checkpoint PATH"},
         "models": describe_models(),
@@ -65,6 +78,10 @@ def format_info(info: dict) -> str:
               f"GFLOP/s, bf16 {cal['bf16_gflops'] or '-'} GFLOP/s)"]
     lines += [f"  {name:18s} {p['choice']} (measured: fp32 {p['fp32_seconds']} s, bf16 {p['bf16_seconds']} s)"
               for name, p in info.get("precision_auto_cpu_parts", {}).items()]
+    lin = info.get("fp32_linear_cpu")
+    if lin:
+        lines += [f"  {'fp32 dense layers':18s} {lin['choice']} ({lin['source']}: ATen {lin['aten_gflops'] or '-'} "
+                  f"GFLOP/s, oneDNN {lin['onednn_gflops'] or '-'} GFLOP/s)"]
     lines += ["", "weights:"] + [f"  {k:18s} {v}" for k, v in info["weights"].items()]
     lines += ["", "models:"] + [f"  {k:18s} {v}" for k, v in info["models"].items()]
     if "parameters" in info:

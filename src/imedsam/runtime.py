@@ -147,15 +147,18 @@ def onednn_settings() -> dict[str, str]:
 def cpu_facts() -> dict:
     """What ``--precision auto`` picks on this CPU and why, as benchmarks print it beside every figure: threads,
     the CPU flags (``cpu_native_bf16``: avx512_bf16 or amx_bf16; ``cpu_amx_bf16``), the calibration's choice and
-    GFLOP/s (:func:`cpu_precision`, cached per machine) and the oneDNN limits set in the environment."""
+    GFLOP/s (:func:`cpu_precision`, cached per machine), the kernels of fp32 dense layers
+    (:func:`fp32_linear_backend`) and the oneDNN limits set in the environment."""
     try:
         amx = "amx_bf16" in Path("/proc/cpuinfo").read_text().split()
     except OSError:
         amx = False
-    cal = cpu_precision()
+    cal, lin = cpu_precision(), fp32_linear_backend()
     return {"threads": torch.get_num_threads(), "cpu_native_bf16": cpu_has_fast_bf16(), "cpu_amx_bf16": amx,
             "auto_precision": cal.choice, "calibration_fp32_gflops": cal.fp32_gflops,
-            "calibration_bf16_gflops": cal.bf16_gflops, "onednn_env": onednn_settings()}
+            "calibration_bf16_gflops": cal.bf16_gflops, "fp32_linear": lin.choice,
+            "fp32_linear_gflops": {"aten": lin.aten_gflops, "onednn": lin.onednn_gflops},
+            "onednn_env": onednn_settings()}
 
 
 def _cpu_key() -> str:
@@ -228,6 +231,101 @@ def cpu_precision(*, measure=measure_throughput, refresh: bool = False) -> Preci
         result = PrecisionCalibration(choose_precision(fp32, bf16), round(fp32, 1), round(bf16, 1), "measured", key)
         _write_cache(key, asdict(result))
     _CALIBRATION[key] = result
+    return result
+
+
+#: oneDNN's fp32 dense layers must be at least this much faster than ATen's (MKL) to be used
+ONEDNN_LINEAR_MARGIN = 1.05
+
+#: ``IMEDSAM_FP32_LINEAR=aten|onednn`` forces the fp32 dense-layer kernels (benchmarks compare the two side by side)
+FP32_LINEAR_ENV = "IMEDSAM_FP32_LINEAR"
+FP32_LINEAR_BACKENDS = ("aten", "onednn")
+
+
+@dataclass(frozen=True)
+class LinearBackend:
+    """Which kernels run the encoders' fp32 dense layers on this CPU (:mod:`imedsam.sam.dense`) and why.
+
+    Attributes:
+        choice: ``"onednn"`` (``torch.ops.mkldnn._linear_pointwise``) or ``"aten"`` (``F.linear``: MKL's sgemm).
+        aten_gflops, onednn_gflops: measured throughput of the calibration layer, or None when not measured.
+        source: ``"measured"``, ``"cache"``, ``"env"`` (:data:`FP32_LINEAR_ENV`) or ``"unavailable"`` (no
+            oneDNN kernel in this PyTorch build).
+        key: the cache key (the CPU key of :func:`cpu_precision` plus ``# fp32 linear``).
+    """
+
+    choice: str
+    aten_gflops: float | None
+    onednn_gflops: float | None
+    source: str
+    key: str
+
+
+def measure_linear(backend: str, *, repeats: int = 3) -> float:
+    """GFLOP/s of one ViT-B MLP layer at 384^2 (576 tokens, 768 -> 3072, with bias) and its input gradient
+    (3072 -> 768 through the transposed weight, as training computes it) in fp32 with ``backend`` (``"aten"`` or
+    ``"onednn"``) at the current thread count. Best of ``repeats`` after one warm-up call; about 0.1 s."""
+    n, c_in, c_out = 576, 768, 3072
+    gen = torch.Generator().manual_seed(0)
+    x, g = torch.randn(n, c_in, generator=gen), torch.randn(n, c_out, generator=gen)
+    w, b = torch.randn(c_out, c_in, generator=gen), torch.randn(c_out, generator=gen)
+    if backend == "onednn":
+        kernel = torch.ops.mkldnn._linear_pointwise
+
+        def work() -> None:
+            kernel(x, w, b, "none", [], "")
+            kernel(g, w.t(), None, "none", [], "")
+    else:
+        def work() -> None:
+            torch.nn.functional.linear(x, w, b)
+            torch.mm(g, w)
+    best = float("inf")
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            work()
+            elapsed = time.perf_counter() - start
+            if i:
+                best = min(best, elapsed)
+    return 4 * n * c_in * c_out / best / 1e9
+
+
+_LINEAR: dict[str, LinearBackend] = {}
+
+
+def fp32_linear_backend(*, measure=measure_linear, refresh: bool = False) -> LinearBackend:
+    """The kernels for fp32 dense layers on CPU: :data:`FP32_LINEAR_ENV` if set, else this process's memory, the
+    cache (as :func:`cpu_precision`, key ``<cpu key> # fp32 linear``) or measured now with
+    ``measure(backend) -> GFLOP/s``, interleaved, best of two each: oneDNN when it is at least
+    :data:`ONEDNN_LINEAR_MARGIN` times ATen. (AMD Zen 4, 2 cores: MKL runs the ViT's 768-wide layers at
+    140-150 GFLOP/s and oneDNN at 190-205.) ``refresh`` measures again."""
+    forced = os.environ.get(FP32_LINEAR_ENV, "").strip().lower()
+    key = f"{_cpu_key()} # fp32 linear"  # not "| ": part decisions use that separator
+    if forced:
+        if forced not in FP32_LINEAR_BACKENDS:
+            raise ImedsamError(f"{FP32_LINEAR_ENV}={forced!r}: use one of {', '.join(FP32_LINEAR_BACKENDS)} "
+                               "(or unset it to let imedsam measure)")
+        if forced == "onednn" and not onednn_op_available("_linear_pointwise"):
+            raise ImedsamError(f"{FP32_LINEAR_ENV}=onednn: this PyTorch build has no oneDNN dense kernel; unset it")
+        return LinearBackend(forced, None, None, "env", key)
+    if not onednn_op_available("_linear_pointwise"):
+        return LinearBackend("aten", None, None, "unavailable", key)
+    if not refresh and key in _LINEAR:
+        return _LINEAR[key]
+    entry = _read_cache().get(key)
+    if not refresh and isinstance(entry, dict):
+        try:
+            _LINEAR[key] = LinearBackend(**{**entry, "source": "cache"})
+            return _LINEAR[key]
+        except TypeError:
+            pass  # an entry of another version: measure again
+    runs = [(backend, measure(backend)) for _ in range(2) for backend in FP32_LINEAR_BACKENDS]
+    aten = max(v for b, v in runs if b == "aten")
+    onednn = max(v for b, v in runs if b == "onednn")
+    result = LinearBackend("onednn" if onednn >= ONEDNN_LINEAR_MARGIN * aten else "aten", round(aten, 1),
+                           round(onednn, 1), "measured", key)
+    _write_cache(key, asdict(result))
+    _LINEAR[key] = result
     return result
 
 

@@ -10,7 +10,7 @@ from imedsam.decoders.coords import grid_coords, sample_features
 from imedsam.decoders.grid_rows import GridFirstLayer
 from imedsam.decoders.implicit import ImplicitDecoder, ImplicitDecoderConfig, ImplicitOutput, sample_training_points
 from imedsam.decoders.implicit_fast import _FastGeometry, _folded_layers
-from imedsam.decoders.linear import linear as _linear
+from imedsam.sam.dense import linear as _linear
 from imedsam.decoders.ugs import mc_variance, select_topk
 from imedsam.errors import ImedsamError
 from pydantic import ValidationError

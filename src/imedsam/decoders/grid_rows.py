@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from imedsam.decoders.coords import flat_index_coords, linear_interp_matrix
-from imedsam.decoders.linear import linear
+from imedsam.sam.dense import linear
 
 __all__ = ["GridBasis", "GridFirstLayer"]
 

@@ -105,6 +105,7 @@ from imedsam.decoders.implicit_config import ImplicitDecoderConfig, ImplicitOutp
 from imedsam.decoders.implicit_fast import FastInference
 from imedsam.decoders.ugs import mc_variance, select_topk
 from imedsam.errors import ImedsamError
+from imedsam.sam.dense import Linear
 
 __all__ = [
     "ImplicitDecoder",
@@ -121,7 +122,7 @@ logger = logging.getLogger(__name__)
 def _mlp(in_dim: int, widths: tuple[int, ...]) -> nn.Sequential:
     layers: list[nn.Module] = []
     for width in widths:
-        layers += [nn.Linear(in_dim, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True)]
+        layers += [Linear(in_dim, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True)]
         in_dim = width
     return nn.Sequential(*layers)
 
@@ -156,16 +157,16 @@ class ImplicitDecoder(FastInference, AdaptiveGrid, nn.Module):
         trunk_out = cfg.coarse_hidden[-1]
         self.coarse_trunk = _mlp(self.in_dim, cfg.coarse_hidden)
         self.coarse_heads = nn.ModuleList(
-            nn.Linear(trunk_out, 1 + cfg.coarse_feature_dim) for _ in range(cfg.num_classes)
+            Linear(trunk_out, 1 + cfg.coarse_feature_dim) for _ in range(cfg.num_classes)
         )
         self.fine_trunk = _mlp(self.fine_in_dim, cfg.fine_hidden[:-1])
         head_in, head_hidden = cfg.fine_hidden[-2], cfg.fine_hidden[-1]
         self.fine_heads = nn.ModuleList(
             nn.Sequential(
-                nn.Linear(head_in, head_hidden),
+                Linear(head_in, head_hidden),
                 nn.BatchNorm1d(head_hidden),
                 nn.ReLU(inplace=True),
-                nn.Linear(head_hidden, 1),
+                Linear(head_hidden, 1),
             )
             for _ in range(cfg.num_classes)
         )

@@ -23,7 +23,7 @@ from imedsam.decoders.coords import (
 )
 from imedsam.decoders.grid_rows import GridBasis, GridFirstLayer
 from imedsam.decoders.implicit_config import ImplicitOutput
-from imedsam.decoders.linear import linear as _linear
+from imedsam.sam.dense import linear as _linear
 from imedsam.decoders.ugs import mc_variance, select_topk
 
 logger = logging.getLogger("imedsam.decoders.implicit")

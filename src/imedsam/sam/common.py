@@ -6,18 +6,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imedsam.sam.dense import Linear, dense_act
+
 
 class MLPBlock(nn.Module):
     """Two-layer MLP ``lin2(act(lin1(x)))`` applied on the last axis; keys ``lin1``/``lin2`` as in SAM."""
 
     def __init__(self, embedding_dim: int, mlp_dim: int, act: type[nn.Module] = nn.GELU) -> None:
         super().__init__()
-        self.lin1 = nn.Linear(embedding_dim, mlp_dim)
-        self.lin2 = nn.Linear(mlp_dim, embedding_dim)
+        self.lin1 = Linear(embedding_dim, mlp_dim)
+        self.lin2 = Linear(mlp_dim, embedding_dim)
         self.act = act()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin2(self.act(self.lin1(x)))
+        return self.lin2(dense_act(self.lin1, self.act, x))
 
 
 class LayerNorm2d(nn.Module):

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from imedsam.errors import ImedsamError
 from imedsam.sam.common import LayerNorm2d
+from imedsam.sam.dense import Linear
 
 __all__ = ["MLP", "MaskDecoder", "upscale_channels_last"]
 
@@ -96,7 +97,7 @@ class MLP(nn.Module):
             raise ImedsamError(f"MLP num_layers={num_layers} must be >= 1 (e.g. iou_head_depth=3)")
         self.num_layers = num_layers
         dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.layers = nn.ModuleList(Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
         self.sigmoid_output = sigmoid_output
 
     def forward(self, x: Tensor) -> Tensor:

@@ -43,6 +43,7 @@ from torch import nn
 from imedsam.errors import ImedsamError
 from imedsam.runtime import onednn_op_available
 from imedsam.sam.common import LayerNorm2d, biased_attention
+from imedsam.sam.dense import Linear, dense_act
 from imedsam.sam.insertion import EncoderContext, add_slots, new_context
 
 __all__ = [
@@ -245,8 +246,8 @@ class TinyViTMlp(nn.Module):
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.fc1 = Linear(dim, hidden_dim)
+        self.fc2 = Linear(hidden_dim, dim)
         self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -254,7 +255,7 @@ class TinyViTMlp(nn.Module):
 
     def forward_normed(self, h: torch.Tensor) -> torch.Tensor:
         """The MLP after its pre-norm: ``fc2(GELU(fc1(h)))`` with ``h = norm(x)``."""
-        return self.fc2(self.act(self.fc1(h)))
+        return self.fc2(dense_act(self.fc1, self.act, h))
 
 
 class TinyViTAttention(nn.Module):
@@ -278,8 +279,8 @@ class TinyViTAttention(nn.Module):
         self.scale = key_dim ** -0.5
         self.resolution = resolution
         self.norm = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, num_heads * (2 * key_dim + self.d))
-        self.proj = nn.Linear(num_heads * self.d, dim)
+        self.qkv = Linear(dim, num_heads * (2 * key_dim + self.d))
+        self.proj = Linear(num_heads * self.d, dim)
 
         points = list(itertools.product(range(resolution[0]), range(resolution[1])))
         offsets: dict[tuple[int, int], int] = {}

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from imedsam.errors import ImedsamError
 from imedsam.sam.common import MLPBlock
+from imedsam.sam.dense import Linear
 
 __all__ = ["Attention", "TwoWayAttentionBlock", "TwoWayTransformer"]
 
@@ -44,10 +45,10 @@ class Attention(nn.Module):
                 f"num_heads={num_heads} must divide the attention's internal dimension {self.internal_dim} "
                 f"(embedding_dim // downsample_rate); choose another num_heads"
             )
-        self.q_proj = nn.Linear(embedding_dim, self.internal_dim)
-        self.k_proj = nn.Linear(embedding_dim, self.internal_dim)
-        self.v_proj = nn.Linear(embedding_dim, self.internal_dim)
-        self.out_proj = nn.Linear(self.internal_dim, embedding_dim)
+        self.q_proj = Linear(embedding_dim, self.internal_dim)
+        self.k_proj = Linear(embedding_dim, self.internal_dim)
+        self.v_proj = Linear(embedding_dim, self.internal_dim)
+        self.out_proj = Linear(self.internal_dim, embedding_dim)
 
     def _split(self, x: Tensor) -> Tensor:
         """``(B, N, C)`` -> ``(B, heads, N, C / heads)``."""

@@ -30,6 +30,7 @@ from torch import nn
 
 from imedsam.errors import ImedsamError
 from imedsam.sam.common import LayerNorm2d, MLPBlock, biased_attention
+from imedsam.sam.dense import Linear
 from imedsam.sam.insertion import EncoderContext, add_slots, new_context
 
 logger = logging.getLogger(__name__)
@@ -253,8 +254,8 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         head_dim = dim // num_heads
         self.scale = head_dim**-0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = Linear(dim, dim)
         self.use_rel_pos = use_rel_pos
         if use_rel_pos:
             if input_size is None:

@@ -95,8 +95,12 @@ def test_cpu_facts_report_the_calibration_and_onednn_limits_that_benchmarks_prin
     monkeypatch.setattr(runtime, "_CALIBRATION", {})
     monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: True)
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")
+    monkeypatch.setattr(runtime, "_LINEAR", {})
+    monkeypatch.delenv(runtime.FP32_LINEAR_ENV, raising=False)
     runtime.cpu_precision(measure=lambda d: 176.0 if d == torch.float32 else 73.0)  # cached for cpu_facts
+    runtime.fp32_linear_backend(measure=lambda b: 205.0 if b == "onednn" else 141.0)
     facts = runtime.cpu_facts()
+    assert facts["fp32_linear"] == "onednn" and facts["fp32_linear_gflops"] == {"aten": 141.0, "onednn": 205.0}
     assert facts["auto_precision"] == "fp32" and facts["cpu_native_bf16"] is True
     assert (facts["calibration_fp32_gflops"], facts["calibration_bf16_gflops"]) == (176.0, 73.0)
     assert facts["onednn_env"] == {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}

@@ -205,22 +205,32 @@ def _write_cache(key: str, entry: dict) -> None:
         pass  # a read-only home: measure again next time
 
 
+def _recall(memo: dict, key: str, cls: type, refresh: bool):
+    """The decision cached for ``key``: from this process's ``memo``, else from the cache file (as ``cls`` with
+    ``source="cache"``, remembered in ``memo``); None when ``refresh``, absent, or an entry of another version."""
+    if refresh:
+        return None
+    if key in memo:
+        return memo[key]
+    entry = _read_cache().get(key)
+    if isinstance(entry, dict):
+        try:
+            memo[key] = cls(**{**entry, "source": "cache"})
+        except TypeError:
+            return None  # written by another version: measure again
+        return memo[key]
+    return None
+
+
 def cpu_precision(*, measure=measure_throughput, refresh: bool = False) -> PrecisionCalibration:
     """The CPU's ``--precision auto`` choice: from this process's memory, else the cache file (``$IMEDSAM_CACHE``
     or ``~/.cache/imedsam/precision.json``, one entry per CPU/threads/torch key), else measured now with
     ``measure(dtype) -> GFLOP/s`` and written to the cache (atomically). CPUs without native bf16 in their flags
     get fp32 without measuring. ``refresh`` measures again."""
     key = _cpu_key()
-    if not refresh and key in _CALIBRATION:
-        return _CALIBRATION[key]
-    entries = _read_cache()
-    if not refresh and isinstance(entries.get(key), dict):
-        try:
-            found = PrecisionCalibration(**{**entries[key], "source": "cache"})
-            _CALIBRATION[key] = found
-            return found
-        except TypeError:
-            pass  # an entry of another version: measure again
+    found = _recall(_CALIBRATION, key, PrecisionCalibration, refresh)
+    if found is not None:
+        return found
     if not cpu_has_fast_bf16():
         result = PrecisionCalibration("fp32", None, None, "flags", key)
     else:
@@ -310,15 +320,9 @@ def fp32_linear_backend(*, measure=measure_linear, refresh: bool = False) -> Lin
         return LinearBackend(forced, None, None, "env", key)
     if not onednn_op_available("_linear_pointwise"):
         return LinearBackend("aten", None, None, "unavailable", key)
-    if not refresh and key in _LINEAR:
-        return _LINEAR[key]
-    entry = _read_cache().get(key)
-    if not refresh and isinstance(entry, dict):
-        try:
-            _LINEAR[key] = LinearBackend(**{**entry, "source": "cache"})
-            return _LINEAR[key]
-        except TypeError:
-            pass  # an entry of another version: measure again
+    found = _recall(_LINEAR, key, LinearBackend, refresh)
+    if found is not None:
+        return found
     runs = [(backend, measure(backend)) for _ in range(2) for backend in FP32_LINEAR_BACKENDS]
     aten = max(v for b, v in runs if b == "aten")
     onednn = max(v for b, v in runs if b == "onednn")
@@ -375,15 +379,9 @@ def part_precision(name: str, measure, *, refresh: bool = False) -> PartPrecisio
         return PartPrecision("fp32", None, None, "calibration", key)
     if cal.bf16_gflops >= CLEAR_BF16_RATIO * cal.fp32_gflops:
         return PartPrecision("bf16", None, None, "calibration", key)
-    if not refresh and key in _PARTS:
-        return _PARTS[key]
-    entry = _read_cache().get(key)
-    if not refresh and isinstance(entry, dict):
-        try:
-            _PARTS[key] = PartPrecision(**{**entry, "source": "cache"})
-            return _PARTS[key]
-        except TypeError:
-            pass
+    found = _recall(_PARTS, key, PartPrecision, refresh)
+    if found is not None:
+        return found
     fp32, bf16 = measure(torch.float32), measure(torch.bfloat16)
     result = PartPrecision("bf16" if fp32 >= PART_MARGIN * bf16 else "fp32", round(fp32, 4), round(bf16, 4),
                            "measured", key)

@@ -493,6 +493,32 @@ def available_memory() -> int | None:
     return None
 
 
+def last_level_cache_bytes() -> int | None:
+    """Size in bytes of the CPU's largest cache level (Linux sysfs, else ``sysconf``), or None when unknown."""
+    best: tuple[int, int] | None = None
+    root = Path("/sys/devices/system/cpu/cpu0/cache")
+    try:
+        for index in root.glob("index*"):
+            level = int((index / "level").read_text())
+            text = (index / "size").read_text().strip().upper()
+            scale = {"K": 1024, "M": 1024**2, "G": 1024**3}.get(text[-1:], 1)
+            size = int(text.rstrip("KMG")) * scale
+            if best is None or level > best[0]:
+                best = (level, size)
+    except (OSError, ValueError):
+        best = None
+    if best is not None:
+        return best[1]
+    for name in ("SC_LEVEL3_CACHE_SIZE", "SC_LEVEL2_CACHE_SIZE"):
+        try:
+            value = os.sysconf(name)
+        except (ValueError, OSError, AttributeError):
+            continue
+        if value and value > 0:
+            return int(value)
+    return None
+
+
 #: bytes per output pixel and mask that a prediction holds at once (float32 logits on the device and on the host,
 #: their resize, the bool mask), a conservative bound used to refuse grids that cannot fit before any work
 BYTES_PER_OUTPUT_PIXEL = 16

@@ -426,3 +426,23 @@ def test_sample_training_points_inside_the_box():
         sample_training_points(mask, 10, box_fraction=0.2)
     with pytest.raises(ImedsamError, match="box_fraction"):
         sample_training_points(mask, 10, boundary_fraction=0.9, boxes=boxes, box_fraction=0.2)
+
+
+def test_decode_chunk_fits_the_widest_trunk_output_in_the_last_level_cache() -> None:
+    """The default chunk: the most points whose 1024-wide activation fits the cache (a chunk never changes the
+    result, test above), an explicit chunk_size as given, 16384 on GPUs or when the cache is unknown."""
+    from imedsam.decoders.implicit_config import ImplicitDecoderConfig, decode_chunk
+    from imedsam.runtime import last_level_cache_bytes
+
+    cfg, cpu = ImplicitDecoderConfig(), torch.device("cpu")
+    mib = 1024 * 1024
+    assert decode_chunk(cfg, torch.float32, cpu, cache_bytes=32 * mib) == 8192  # 8192 x 1024 x 4 B = 32 MiB
+    assert decode_chunk(cfg, torch.bfloat16, cpu, cache_bytes=32 * mib) == 16384
+    assert decode_chunk(cfg, torch.float32, cpu, cache_bytes=40 * mib) == 8192  # a power of two below
+    assert decode_chunk(cfg, torch.float32, cpu, cache_bytes=105 * mib) == 16384  # at most 16384
+    assert decode_chunk(cfg, torch.float32, cpu, cache_bytes=1 * mib) == 2048  # at least 2048
+    assert decode_chunk(cfg, torch.float32, torch.device("cuda"), cache_bytes=1 * mib) == 16384
+    assert decode_chunk(cfg.model_copy(update={"chunk_size": 300}), torch.float32, cpu, cache_bytes=mib) == 300
+    assert decode_chunk(cfg, torch.float32, cpu, cache_bytes=0) == 16384  # unknown
+    found = last_level_cache_bytes()
+    assert found is None or found >= 64 * 1024

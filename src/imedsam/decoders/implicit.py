@@ -63,7 +63,8 @@ as the plain module path up to float rounding:
   added in place;
 * the trunk's Linear (+ ReLU) layers run as oneDNN's fused CPU kernel where available (one write of the
   output instead of bias copy, GEMM and ReLU passes);
-* pass 1 runs over all points in chunks of ``chunk_size`` points per image (with ``row_gemm``: blocks of
+* pass 1 runs over all points in chunks of ``chunk_size`` points per image (default: what fits the CPU's
+  last-level cache, :func:`~imedsam.decoders.implicit_config.decode_chunk`; with ``row_gemm``: blocks of
   ``max(1, min(chunk_size, 8192) // W)`` rows; bounded memory whatever the output size) and yields coarse
   logits + uncertainty; pass 2 runs over the selected points only and computes the trunk again (or reuses it
   when the image fitted in one chunk), the 256 coarse-feature channels and the fine MLP. Chunking does not

@@ -22,7 +22,7 @@ from imedsam.decoders.coords import (
     flat_index_coords,
 )
 from imedsam.decoders.grid_rows import GridBasis, GridFirstLayer
-from imedsam.decoders.implicit_config import ImplicitOutput
+from imedsam.decoders.implicit_config import ImplicitOutput, decode_chunk
 from imedsam.sam.dense import linear as _linear
 from imedsam.decoders.ugs import mc_variance, select_topk
 
@@ -157,7 +157,7 @@ class FastInference:
         fine = torch.empty(b, c_cls, n, device=dev)
         uncertainty = torch.zeros(b, c_cls, n, device=dev) if refine else None
         selected = torch.zeros(b, c_cls, n, dtype=torch.bool, device=dev) if refine else None
-        chunk = cfg.chunk_size
+        chunk = decode_chunk(cfg, dtype, dev)
         k = self._k(n)
         geo = _FastGeometry(size, (h_u, w_u), (h_p, w_p), rows_p, grid_tables)
         stride = self.adaptive_stride(size, (h_u, w_u)) if cfg.adaptive and size is not None else 1

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from imedsam.decoders.coords import grid_coords
-from imedsam.decoders.implicit_config import ImplicitDecoderConfig, ImplicitOutput
+from imedsam.decoders.implicit_config import ImplicitDecoderConfig, ImplicitOutput, decode_chunk
 from imedsam.decoders.ugs import select_topk
 from imedsam.errors import ImedsamError
 from imedsam.infer.onnx_manifest import GraphFile, Manifest, read_manifest
@@ -185,7 +185,7 @@ class OnnxImplicitDecoder:
         self.refine, self.seed, self.mc_samples, self.topk_ratio = refine, seed, mc_samples, topk_ratio
 
     def _chunks(self, name: str, features: np.ndarray, coords: torch.Tensor) -> list[torch.Tensor]:
-        step = max(1, int(self.config.chunk_size))
+        step = decode_chunk(self.config, torch.float32, torch.device("cpu"))  # onnxruntime's CPU graphs: fp32
         parts: list[list[np.ndarray]] = []
         for start in range(0, coords.shape[1], step):
             feeds = {"features": features, "coords": _numpy(coords[:, start:start + step])}
